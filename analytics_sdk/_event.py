@@ -1,0 +1,267 @@
+"""Event: validation, normalisation and the JSON wire format.
+
+The same :func:`validate` runs in ``track()`` and again in the drain (:func:`decode`), because queued
+bytes may come from older clients or other languages. Every rejection is a :class:`ValidationError`
+naming the field. Wire format: one JSON object with ``"v": WIRE_VERSION``; ``None`` fields are
+omitted to keep queued events small.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import orjson
+
+from ._exceptions import ValidationError
+
+__all__ = [
+    "FIELD_LIMITS",
+    "WIRE_VERSION",
+    "Event",
+    "decode",
+    "new_event_id",
+    "validate",
+]
+
+WIRE_VERSION = 1
+
+#: Longest accepted string per text field, in characters. PostgreSQL's text has no limit of its own;
+#: these keep one runaway value (a pasted document as a user agent) from bloating the queue and table.
+FIELD_LIMITS: dict[str, int] = {
+    "event_type": 128,
+    "user_id": 255,
+    "session_id": 255,
+    "entity_type": 128,
+    "entity_id": 255,
+    "user_agent": 2048,
+    "referrer": 2048,
+}
+_ID_FIELDS = frozenset({"user_id", "session_id", "entity_id"})
+FIELDS = (
+    "event_id",
+    "event_type",
+    "user_id",
+    "session_id",
+    "entity_type",
+    "entity_id",
+    "event_metadata",
+    "ip_address",
+    "user_agent",
+    "referrer",
+    "created_at",
+)
+_KNOWN = frozenset(FIELDS)
+#: created_at outside [_EARLIEST, now + _MAX_FUTURE] is a bug upstream (epoch 0, year 9999, ms taken for
+#: s); rejecting it keeps the (event_type, created_at) index meaningful.
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_MAX_FUTURE = timedelta(days=1)
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+class Event(NamedTuple):
+    """A validated, normalised event. Build one with :func:`validate`, never directly."""
+
+    event_id: str
+    event_type: str
+    user_id: str | None
+    session_id: str | None
+    entity_type: str | None
+    entity_id: str | None
+    event_metadata: dict[str, Any]
+    ip_address: str | None
+    user_agent: str | None
+    referrer: str | None
+    created_at: datetime
+
+    def encode(self) -> bytes:
+        """The wire form: compact JSON bytes."""
+        doc: dict[str, Any] = {"v": WIRE_VERSION}
+        for name, value in zip(FIELDS, self, strict=True):
+            if value is None:
+                continue
+            doc[name] = value.isoformat() if name == "created_at" else value
+        return orjson.dumps(doc)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(zip(FIELDS, self, strict=True))
+
+
+def new_event_id() -> str:
+    """A UUIDv7 (RFC 9562) as a string: 48 bits of Unix milliseconds, then 74 random bits.
+
+    Time-ordered ids land at the right edge of the ``event_id`` unique index instead of at random
+    pages, so inserts stay cheap as the table grows; and it costs a third of ``str(uuid4())``.
+    """
+    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    raw[6] = (raw[6] & 0x0F) | 0x70  # version 7
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _text(name: str, value: object, *, required: bool = False) -> str | None:
+    if value is None:
+        if required:
+            raise ValidationError(name, value, "is required")
+        return None
+    if type(value) is not str:
+        if name in _ID_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            # The old service accepted integer ids (a database primary key); keep them, as text.
+            value = str(value)
+        else:
+            raise ValidationError(name, value, f"must be a string, not {type(value).__name__}")
+    if required and not value.strip():
+        raise ValidationError(name, value, "must not be empty")
+    if len(value) > FIELD_LIMITS[name]:
+        raise ValidationError(name, value, f"is longer than {FIELD_LIMITS[name]} characters")
+    if "\x00" in value:
+        raise ValidationError(name, value, "contains a NUL character, which PostgreSQL cannot store")
+    return value
+
+
+def _event_id(value: object) -> str:
+    if value is None:
+        return new_event_id()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if type(value) is not str:
+        raise ValidationError("event_id", value, f"must be a UUID or a string, not {type(value).__name__}")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValidationError("event_id", value, "is not a UUID") from None
+
+
+def _ip(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        value = str(value)
+    if type(value) is not str:
+        raise ValidationError("ip_address", value, f"must be a string, not {type(value).__name__}")
+    return _parse_ip(value)
+
+
+# The same addresses recur in a session's events; parsing one costs 5-10 us, a cache hit 0.1 us.
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(value: str) -> str:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValidationError("ip_address", value, "is not an IPv4 or IPv6 address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        # Python accepts "fe80::1%eth0"; PostgreSQL's inet does not.
+        raise ValidationError("ip_address", value, "has an IPv6 zone id, which inet cannot store")
+    return str(address)
+
+
+def _created_at(value: object, now: datetime) -> datetime:
+    if value is None:
+        return now
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValidationError("created_at", value, "is not an ISO 8601 timestamp") from None
+    if not isinstance(value, datetime):
+        raise ValidationError("created_at", value, f"must be a datetime, not {type(value).__name__}")
+    # A naive datetime is taken as UTC: the old service stored datetime.utcnow().
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value < _EARLIEST or value > now + _MAX_FUTURE:
+        raise ValidationError("created_at", value.isoformat(), "is before 2000 or more than a day ahead")
+    return value
+
+
+def _check_json(value: object, path: str) -> None:
+    """Reject what JSON (and jsonb) cannot hold; orjson would silently turn NaN into null."""
+    kind = type(value)
+    if kind is str:
+        if "\x00" in value:  # type: ignore[operator]
+            raise ValidationError(path, value, "contains a NUL character, which jsonb cannot store")
+    elif kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise ValidationError(path, value, "is not a finite number (NaN and Infinity are not JSON)")
+    elif kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise ValidationError(path, key, "has a key that is not a string")
+            if "\x00" in key:
+                raise ValidationError(path, key, "has a key with a NUL character")
+            _check_json(item, f"{path}.{key}")
+    elif kind is list or kind is tuple:
+        for index, item in enumerate(value):  # type: ignore[arg-type]
+            _check_json(item, f"{path}[{index}]")
+    elif not isinstance(value, _JSON_SCALARS):
+        raise ValidationError(path, value, f"{kind.__name__} is not JSON-serialisable")
+
+
+def _metadata(value: object, limit: int) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str | bytes):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError("event_metadata", value, f"is not valid JSON ({exc})") from None
+    if not isinstance(value, Mapping):
+        raise ValidationError("event_metadata", value, "must be a JSON object (a dict)")
+    if type(value) is not dict:
+        value = dict(value)
+    _check_json(value, "event_metadata")
+    try:
+        size = len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise ValidationError("event_metadata", value, f"is not JSON-serialisable ({exc})") from None
+    if size > limit:
+        raise ValidationError("event_metadata", value, f"is {size} bytes as JSON, over the limit of {limit}")
+    return value
+
+
+def validate(
+    fields: Mapping[str, Any], *, max_metadata_bytes: int = 32 * 1024, now: datetime | None = None
+) -> Event:
+    """Validate and normalise one event's fields; raise :class:`ValidationError` naming the field."""
+    unknown = fields.keys() - _KNOWN
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ValidationError(name, fields[name], "is not an event field")
+    get = fields.get
+    current = now or datetime.now(UTC)
+    return Event(
+        event_id=_event_id(get("event_id")),
+        event_type=_text("event_type", get("event_type"), required=True),  # type: ignore[arg-type]
+        user_id=_text("user_id", get("user_id")),
+        session_id=_text("session_id", get("session_id")),
+        entity_type=_text("entity_type", get("entity_type")),
+        entity_id=_text("entity_id", get("entity_id")),
+        event_metadata=_metadata(get("event_metadata"), max_metadata_bytes),
+        ip_address=_ip(get("ip_address")),
+        user_agent=_text("user_agent", get("user_agent")),
+        referrer=_text("referrer", get("referrer")),
+        created_at=_created_at(get("created_at"), current),
+    )
+
+
+def decode(raw: bytes | str, *, max_metadata_bytes: int = 32 * 1024) -> Event:
+    """Parse and re-validate one queued event. Never anything but JSON: bytes that are not a JSON
+    object of a known wire version raise :class:`ValidationError` (field ``payload``)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError("payload", raw, f"is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValidationError("payload", raw, "is not a JSON object")
+    version = doc.pop("v", None)
+    if version != WIRE_VERSION:
+        raise ValidationError("v", version, f"unsupported wire version (expected {WIRE_VERSION})")
+    if "event_id" not in doc:
+        raise ValidationError("event_id", None, "is missing from a queued event")
+    return validate(doc, max_metadata_bytes=max_metadata_bytes)

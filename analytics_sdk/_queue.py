@@ -1,0 +1,210 @@
+"""The Redis protocol shared by the SDK (push) and the bridge (claim, ack, reclaim, dead letters).
+
+Every key name is built here and nowhere else. All keys start with the configured prefix; for Redis
+Cluster make the prefix a hash tag such as ``{analytics}`` so that the scripts' keys share one slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+import redis.asyncio as aioredis
+
+__all__ = [
+    "ACK_STATS",
+    "Claim",
+    "PushResult",
+    "QueueKeys",
+    "ack",
+    "claim",
+    "dead_letter_entry",
+    "expired_leases",
+    "push",
+    "take_over",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The key names of one queue (one prefix)."""
+
+    prefix: str = "analytics"
+
+    @property
+    def queue(self) -> str:
+        # list: producers RPUSH at the tail, drains LPOP from the head, so the oldest leave first
+        return f"{self.prefix}:events:batch"
+
+    def inflight(self, batch_id: str) -> str:
+        # list: the items one claim took, kept until their rows commit (the crash-safety copy)
+        return f"{self.prefix}:events:inflight:{batch_id}"
+
+    @property
+    def leases(self) -> str:
+        # sorted set: batch_id scored by claim (or take-over) time in ms; old scores = dead drains
+        return f"{self.prefix}:events:inflight"
+
+    @property
+    def reclaims(self) -> str:
+        # hash: batch_id -> times taken over; past a limit the batch is bisected (no poison loop)
+        return f"{self.prefix}:events:reclaims"
+
+    @property
+    def dead(self) -> str:
+        # list: JSON {"payload", "error", "failed_at", ...} for items that can never be inserted
+        return f"{self.prefix}:events:dead"
+
+    @property
+    def dropped(self) -> str:
+        # counter: events the cap trimmed off the head (LTRIM itself reports nothing)
+        return f"{self.prefix}:events:dropped"
+
+    @property
+    def stats(self) -> str:
+        # hash: inserted, duplicates, dead, claimed, last_flush_at, last_summary for `status`
+        return f"{self.prefix}:stats"
+
+    @property
+    def flush_cooldown(self) -> str:
+        # string with PX: set NX by the client that sends a backlog-triggered flush, so a burst
+        # from many clients sends one task per cooldown, not one per push
+        return f"{self.prefix}:flush:cooldown"
+
+
+class PushResult(NamedTuple):
+    length: int  # queue length right after the RPUSH, before the trim
+    dropped: int  # how many of the oldest events the LTRIM removed
+
+
+async def push(
+    client: aioredis.Redis, keys: QueueKeys, payloads: Sequence[bytes], cap: int
+) -> PushResult:
+    """Append ``payloads`` atomically: ``MULTI; RPUSH; LTRIM -cap -1; EXEC``.
+
+    The list only ever holds ``cap`` items before a push, so this push trimmed
+    ``max(0, length - cap)`` of the oldest, never more than it added; that is added to the dropped
+    counter (after EXEC: LTRIM reports nothing, and MULTI cannot branch on a reply).
+    """
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.rpush(keys.queue, *payloads)
+        pipe.ltrim(keys.queue, -cap, -1)
+        length, _ = await pipe.execute()
+    dropped = min(len(payloads), max(0, int(length) - cap))
+    if dropped:
+        await client.incrby(keys.dropped, dropped)
+    return PushResult(int(length), dropped)
+
+
+# allow-oom: under maxmemory + noeviction a claim must still run, or the drain (the only thing that
+# frees memory) would stop exactly when Redis is full. The copy is freed again by the ack.
+# RPUSH is chunked: Lua's unpack() fails past a few thousand values.
+_CLAIM = """#!lua flags=allow-oom
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+for i = 1, #items, 500 do
+  redis.call('RPUSH', KEYS[3], unpack(items, i, math.min(i + 499, #items)))
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+return items
+"""
+
+# Take over an expired lease only if its score is still the one the caller saw: two drains that saw
+# the same expired lease race here, and exactly one wins.
+_TAKE_OVER = """#!lua flags=allow-oom
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or score ~= ARGV[2] then return false end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+local count = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+return {count, redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+
+
+class Claim(NamedTuple):
+    batch_id: str
+    items: list[bytes]
+    reclaims: int  # 0 for a fresh claim; n for the n-th take-over of an expired lease
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def claim(client: aioredis.Redis, keys: QueueKeys, count: int, batch_id: str) -> Claim:
+    """Atomically pop up to ``count`` events into the in-flight list ``batch_id`` and lease it."""
+    items = await client.eval(
+        _CLAIM, 3, keys.queue, keys.leases, keys.inflight(batch_id), count, batch_id, _now_ms()
+    )
+    return Claim(batch_id, list(items or []), 0)
+
+
+async def expired_leases(
+    client: aioredis.Redis, keys: QueueKeys, visibility_timeout: float, limit: int = 100
+) -> list[tuple[str, str]]:
+    """(batch_id, score as Redis prints it) of leases older than the visibility timeout."""
+    cutoff = _now_ms() - int(visibility_timeout * 1000)
+    rows = await client.zrangebyscore(keys.leases, "-inf", cutoff, start=0, num=limit, withscores=True)
+    return [
+        (member.decode() if isinstance(member, bytes) else str(member), _lua_number(score))
+        for member, score in rows
+    ]
+
+
+def _lua_number(score: float) -> str:
+    # ZSCORE inside Lua returns the score as Redis formats it; ms timestamps are integers.
+    return str(int(score)) if float(score).is_integer() else repr(score)
+
+
+async def take_over(client: aioredis.Redis, keys: QueueKeys, batch_id: str, seen: str) -> Claim | None:
+    """Take over an expired lease; ``None`` when another drain got it first or it was acked."""
+    reply = await client.eval(
+        _TAKE_OVER, 3, keys.leases, keys.reclaims, keys.inflight(batch_id), batch_id, seen, _now_ms()
+    )
+    if not reply:
+        return None
+    count, items = reply
+    return Claim(batch_id, list(items), int(count))
+
+
+ACK_STATS = ("claimed", "inserted", "duplicates", "dead")
+
+
+def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
+    """One dead-letter record: JSON with the payload kept as text (lossless for valid UTF-8)."""
+    if isinstance(payload, bytes):
+        text = payload.decode("utf-8", errors="backslashreplace")
+    else:
+        text = payload
+    record = {"payload": text, "error": error, "failed_at": time.time(), **extra}
+    return orjson.dumps(record)
+
+
+async def ack(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    batch_id: str,
+    *,
+    dead_letters: Sequence[bytes] = (),
+    stats: dict[str, int] | None = None,
+    summary: bytes | None = None,
+) -> None:
+    """After COMMIT: dead-letter what failed, count, and release the batch, in one MULTI.
+
+    One transaction, so a crash never leaves a dead letter whose batch is still in flight (it would
+    be dead-lettered twice on reclaim) nor a released batch whose dead letters were not written.
+    """
+    async with client.pipeline(transaction=True) as pipe:
+        if dead_letters:
+            pipe.rpush(keys.dead, *dead_letters)
+        for name, value in (stats or {}).items():
+            if value:
+                pipe.hincrby(keys.stats, name, value)
+        if summary is not None:
+            pipe.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": summary})
+        pipe.delete(keys.inflight(batch_id))
+        pipe.zrem(keys.leases, batch_id)
+        pipe.hdel(keys.reclaims, batch_id)
+        await pipe.execute()

@@ -1,0 +1,223 @@
+"""Settings: one frozen object, read from ``ANALYTICS_*`` environment variables.
+
+The variable for an attribute is ``ANALYTICS_`` + the attribute name upper-cased, without a leading
+``analytics_``: ``redis_url`` -> ``ANALYTICS_REDIS_URL``, ``analytics_batch_size`` ->
+``ANALYTICS_BATCH_SIZE``. The attribute names of the older service are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from ._exceptions import ConfigurationError
+
+__all__ = ["Settings", "env_name", "redact_url"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with its password replaced by ``***``, for logs and reprs."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def env_name(attribute: str) -> str:
+    """The environment variable that sets ``attribute``."""
+    return "ANALYTICS_" + attribute.removeprefix("analytics_").upper()
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(env_name(name), value, "must be greater than 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Configuration of the SDK and the bridge. Construct directly, or with :meth:`from_env`."""
+
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_password: str | None = field(default=None, repr=False)
+    redis_db: int = 0
+    #: Overrides the four above when set; ``rediss://`` means TLS.
+    redis_url: str | None = None
+    database_url: str = "postgresql://127.0.0.1:5432/analytics"
+    #: The Celery broker; defaults to the Redis URL.
+    broker_url: str | None = None
+    analytics_batch_size: int = 100
+    #: Seconds between beat-scheduled flushes.
+    analytics_flush_interval: float = 60.0
+    #: Cap on the queue; past it the oldest events are dropped (and counted).
+    analytics_max_queue_size: int = 1_000_000
+    analytics_key_prefix: str = "analytics"
+    analytics_max_metadata_bytes: int = 32 * 1024
+    #: Seconds after which a claimed, unacknowledged batch is taken over by another drain.
+    #: Must exceed ``analytics_task_time_limit``.
+    analytics_visibility_timeout: float = 900.0
+    #: Rows per INSERT transaction in the drain (claims are ``analytics_batch_size`` each).
+    analytics_insert_batch_size: int = 5_000
+    #: Hard and soft time limits of the flush task, in seconds.
+    analytics_task_time_limit: float = 600.0
+    analytics_task_soft_time_limit: float = 540.0
+    #: Seconds one drain may keep claiming before it hands the rest to a new task.
+    analytics_drain_time_budget: float = 300.0
+    #: Send the flush task when a push makes the queue reach ``analytics_batch_size``.
+    analytics_backlog_trigger: bool = True
+    #: At most one backlog-triggered flush per this many seconds, across all clients.
+    analytics_backlog_trigger_cooldown: float = 1.0
+    #: Redis socket timeout (seconds) and how often a failed push is retried.
+    analytics_redis_timeout: float = 5.0
+    analytics_publish_retries: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _parse_type(f.type)
+            if value is None and expected is not bool and f.default is None:
+                continue
+            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                ok = True
+            if not ok:
+                raise ConfigurationError(env_name(f.name), value, f"must be {expected.__name__}")
+        for name in (
+            "analytics_batch_size",
+            "analytics_flush_interval",
+            "analytics_max_queue_size",
+            "analytics_max_metadata_bytes",
+            "analytics_visibility_timeout",
+            "analytics_insert_batch_size",
+            "analytics_task_time_limit",
+            "analytics_task_soft_time_limit",
+            "analytics_drain_time_budget",
+            "analytics_redis_timeout",
+        ):
+            _positive(name, getattr(self, name))
+        _positive("analytics_backlog_trigger_cooldown", self.analytics_backlog_trigger_cooldown)
+        _positive("analytics_publish_retries", self.analytics_publish_retries, allow_zero=True)
+        _positive("redis_db", self.redis_db, allow_zero=True)
+        if not 0 < self.redis_port < 65536:
+            raise ConfigurationError(env_name("redis_port"), self.redis_port, "must be a TCP port")
+        # A claim moves at most this many items in one Lua call; Lua's stack bounds it.
+        if self.analytics_batch_size > 10_000:
+            raise ConfigurationError(
+                env_name("analytics_batch_size"), self.analytics_batch_size, "must be <= 10000"
+            )
+        if not self.analytics_key_prefix or any(c.isspace() for c in self.analytics_key_prefix):
+            raise ConfigurationError(
+                env_name("analytics_key_prefix"),
+                self.analytics_key_prefix,
+                "must be non-empty, without spaces",
+            )
+        for name, schemes in (
+            ("redis_url", ("redis", "rediss", "unix")),
+            ("database_url", ("postgresql", "postgres")),
+        ):
+            url = getattr(self, name)
+            if url is not None and urlsplit(url).scheme not in schemes:
+                raise ConfigurationError(
+                    env_name(name), redact_url(url), f"scheme must be one of {', '.join(schemes)}"
+                )
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            if not f.repr:
+                if getattr(self, f.name) is not None:
+                    shown.append(f"{f.name}='***'")
+                continue
+            value = getattr(self, f.name)
+            if f.name.endswith("_url"):
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @property
+    def redis_dsn(self) -> str:
+        """The Redis URL in force: ``redis_url`` when set, else built from host, port, password, db."""
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        host = f"[{self.redis_host}]" if ":" in self.redis_host else self.redis_host
+        return f"redis://{auth}{host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def broker_dsn(self) -> str:
+        """The Celery broker URL in force: ``broker_url`` when set, else the Redis URL."""
+        return self.broker_url or self.redis_dsn
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``ANALYTICS_*`` variable of ``environ`` (default ``os.environ``).
+
+        Keyword overrides win over the environment. A bad value raises :class:`ConfigurationError`
+        naming the variable and the value.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(name, raw, _parse_type(f.type), secret=not f.repr)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_dsn(cls, redis_url: str, database_url: str | None = None, **kwargs: Any) -> Settings:
+        """Settings pointing at one Redis (and optionally one PostgreSQL) by URL."""
+        if database_url is not None:
+            kwargs["database_url"] = database_url
+        return cls(redis_url=redis_url, **kwargs)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some attributes changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_type(annotation: object) -> type:
+    text = str(annotation)
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    raise TypeError(f"unsupported settings type {annotation!r}")
+
+
+def _convert(variable: str, raw: str, kind: type, *, secret: bool) -> object:
+    shown = "***" if secret else raw
+    if kind is str:
+        return raw
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigurationError(variable, shown, "must be one of 1/0, true/false, yes/no, on/off")
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise ConfigurationError(variable, shown, f"must be {'an integer' if kind is int else 'a number'}") from None
