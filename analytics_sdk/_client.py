@@ -272,7 +272,7 @@ class AnalyticsClient:
         try:
             if await client.set(self.keys.flush_cooldown, b"1", nx=True, px=cooldown_ms):
                 task_id = await anyio.to_thread.run_sync(self._sender.send)
-                logger.debug("backlog reached %s: sent flush task %s", self.settings.analytics_batch_size, task_id)
+                logger.debug("backlog: sent flush task %s", task_id)
         except Exception as exc:  # the events are safe in Redis; beat will flush them
             logger.warning("could not send a backlog flush (beat will drain instead): %s", exc)
 

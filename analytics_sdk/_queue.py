@@ -80,9 +80,7 @@ class PushResult(NamedTuple):
     dropped: int  # how many of the oldest events the LTRIM removed
 
 
-async def push(
-    client: aioredis.Redis, keys: QueueKeys, payloads: Sequence[bytes], cap: int
-) -> PushResult:
+async def push(client: aioredis.Redis, keys: QueueKeys, payloads: Sequence[bytes], cap: int) -> PushResult:
     """Append ``payloads`` atomically: ``MULTI; RPUSH; LTRIM -cap -1; EXEC``.
 
     The list only ever holds ``cap`` items before a push, so this push trimmed
@@ -174,10 +172,7 @@ ACK_STATS = ("claimed", "inserted", "duplicates", "dead")
 
 def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
     """One dead-letter record: JSON with the payload kept as text (lossless for valid UTF-8)."""
-    if isinstance(payload, bytes):
-        text = payload.decode("utf-8", errors="backslashreplace")
-    else:
-        text = payload
+    text = payload.decode("utf-8", errors="backslashreplace") if isinstance(payload, bytes) else payload
     record = {"payload": text, "error": error, "failed_at": time.time(), **extra}
     return orjson.dumps(record)
 

@@ -52,7 +52,11 @@ class TaskSender:
     def send(self, **kwargs: Any) -> str:
         """Send ``flush_analytics_events`` to the ``analytics`` queue; return the task id."""
         result = self._get_app().send_task(
-            FLUSH_TASK, kwargs=kwargs, queue=FLUSH_QUEUE, expires=FLUSH_EXPIRES, retry=True,
+            FLUSH_TASK,
+            kwargs=kwargs,
+            queue=FLUSH_QUEUE,
+            expires=FLUSH_EXPIRES,
+            retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
         )
         logger.debug("sent %s as task %s", FLUSH_TASK, result.id)

@@ -220,4 +220,5 @@ def _convert(variable: str, raw: str, kind: type, *, secret: bool) -> object:
     try:
         return kind(raw.strip())
     except ValueError:
-        raise ConfigurationError(variable, shown, f"must be {'an integer' if kind is int else 'a number'}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise ConfigurationError(variable, shown, f"must be {expected}") from None

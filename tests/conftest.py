@@ -116,7 +116,7 @@ def database_url() -> Iterator[str]:
     name = f"analytics_test_{os.getpid()}_{secrets.token_hex(3)}"
     try:
         asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         _pg_fail(PG_ADMIN_URL, exc)
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     url = f"{base}/{name}"
