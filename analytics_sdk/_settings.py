@@ -62,7 +62,8 @@ class Settings:
     redis_db: int = 0
     #: Overrides the four above when set; ``rediss://`` means TLS.
     redis_url: str | None = None
-    database_url: str = "postgresql://127.0.0.1:5432/analytics"
+    # User postgres: the role every PostgreSQL install has (asyncpg would otherwise log in as the OS user).
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/analytics"
     #: The Celery broker; defaults to the Redis URL.
     broker_url: str | None = None
     analytics_batch_size: int = 100
