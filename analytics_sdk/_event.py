@@ -85,9 +85,9 @@ class Event(NamedTuple):
         """The wire form: compact JSON bytes."""
         doc: dict[str, Any] = {"v": WIRE_VERSION}
         for name, value in zip(FIELDS, self, strict=True):
-            if value is None:
-                continue
-            doc[name] = value.isoformat() if name == "created_at" else value
+            if value is not None:
+                doc[name] = value
+        doc["created_at"] = self.created_at.isoformat()
         return orjson.dumps(doc)
 
     def as_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -144,7 +144,10 @@ async def expired_leases(
 ) -> list[tuple[str, str]]:
     """(batch_id, score as Redis prints it) of leases older than the visibility timeout."""
     cutoff = _now_ms() - int(visibility_timeout * 1000)
-    rows = await client.zrangebyscore(keys.leases, "-inf", cutoff, start=0, num=limit, withscores=True)
+    rows = cast(
+        "list[tuple[bytes | str, float]]",
+        await client.zrangebyscore(keys.leases, "-inf", cutoff, start=0, num=limit, withscores=True),
+    )
     return [
         (member.decode() if isinstance(member, bytes) else str(member), _lua_number(score))
         for member, score in rows
