@@ -63,6 +63,7 @@ _KNOWN = frozenset(FIELDS)
 #: s); rejecting it keeps the (event_type, created_at) index meaningful.
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _MAX_FUTURE = timedelta(days=1)
+_OUT_OF_RANGE = "is before 2000 or more than a day ahead"
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -124,7 +125,18 @@ def _text(name: str, value: object, *, required: bool = False) -> str | None:
         raise ValidationError(name, value, f"is longer than {FIELD_LIMITS[name]} characters")
     if "\x00" in value:
         raise ValidationError(name, value, "contains a NUL character, which PostgreSQL cannot store")
+    if not value.isascii():
+        _check_utf8(name, value)
     return value
+
+
+def _check_utf8(name: str, value: str) -> None:
+    # A lone surrogate ("\ud800") is a valid Python str but not UTF-8: orjson would fail later, in
+    # encode(), with a TypeError naming no field.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(name, value, "is not valid Unicode (lone surrogate)") from None
 
 
 def _event_id(value: object) -> str:
@@ -174,33 +186,37 @@ def _created_at(value: object, now: datetime) -> datetime:
     if not isinstance(value, datetime):
         raise ValidationError("created_at", value, f"must be a datetime, not {type(value).__name__}")
     # A naive datetime is taken as UTC: the old service stored datetime.utcnow().
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 with an offset falls off the calendar
+        raise ValidationError("created_at", value.isoformat(), _OUT_OF_RANGE) from None
     if value < _EARLIEST or value > now + _MAX_FUTURE:
-        raise ValidationError("created_at", value.isoformat(), "is before 2000 or more than a day ahead")
+        raise ValidationError("created_at", value.isoformat(), _OUT_OF_RANGE)
     return value
 
 
 def _check_json(value: object, path: str) -> None:
     """Reject what JSON (and jsonb) cannot hold; orjson would silently turn NaN into null."""
-    kind = type(value)
-    if kind is str:
-        if "\x00" in value:  # type: ignore[operator]
+    # isinstance, not type(): a str subclass (StrEnum, Markup) can carry a NUL too, and orjson
+    # serialises subclasses of str, int, dict and list as their base type.
+    if isinstance(value, str):
+        if "\x00" in value:
             raise ValidationError(path, value, "contains a NUL character, which jsonb cannot store")
-    elif kind is float:
-        if not math.isfinite(value):  # type: ignore[arg-type]
+    elif isinstance(value, float):
+        if not math.isfinite(value):
             raise ValidationError(path, value, "is not a finite number (NaN and Infinity are not JSON)")
-    elif kind is dict:
-        for key, item in value.items():  # type: ignore[attr-defined]
-            if type(key) is not str:
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
                 raise ValidationError(path, key, "has a key that is not a string")
             if "\x00" in key:
                 raise ValidationError(path, key, "has a key with a NUL character")
             _check_json(item, f"{path}.{key}")
-    elif kind is list or kind is tuple:
-        for index, item in enumerate(value):  # type: ignore[arg-type]
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
             _check_json(item, f"{path}[{index}]")
     elif not isinstance(value, _JSON_SCALARS):
-        raise ValidationError(path, value, f"{kind.__name__} is not JSON-serialisable")
+        raise ValidationError(path, value, f"{type(value).__name__} is not JSON-serialisable")
 
 
 def _metadata(value: object, limit: int) -> dict[str, Any]:
@@ -215,7 +231,10 @@ def _metadata(value: object, limit: int) -> dict[str, Any]:
         raise ValidationError("event_metadata", value, "must be a JSON object (a dict)")
     if type(value) is not dict:
         value = dict(value)
-    _check_json(value, "event_metadata")
+    try:
+        _check_json(value, "event_metadata")
+    except RecursionError:
+        raise ValidationError("event_metadata", value, "is nested too deeply (or contains itself)") from None
     try:
         size = len(orjson.dumps(value))
     except (TypeError, orjson.JSONEncodeError) as exc:
@@ -231,7 +250,7 @@ def validate(
     """Validate and normalise one event's fields; raise :class:`ValidationError` naming the field."""
     unknown = fields.keys() - _KNOWN
     if unknown:
-        name = sorted(unknown)[0]
+        name = sorted(unknown, key=str)[0]
         raise ValidationError(name, fields[name], "is not an event field")
     get = fields.get
     current = now or datetime.now(UTC)
@@ -260,7 +279,7 @@ def decode(raw: bytes | str, *, max_metadata_bytes: int = 32 * 1024) -> Event:
     if not isinstance(doc, dict):
         raise ValidationError("payload", raw, "is not a JSON object")
     version = doc.pop("v", None)
-    if version != WIRE_VERSION:
+    if type(version) is not int or version != WIRE_VERSION:  # true == 1 and 1.0 == 1 in Python
         raise ValidationError("v", version, f"unsupported wire version (expected {WIRE_VERSION})")
     if "event_id" not in doc:
         raise ValidationError("event_id", None, "is missing from a queued event")

@@ -14,6 +14,8 @@ handling keeps working. A ``PublishError`` is chained (``__cause__``) from the R
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
     "AnalyticsError",
     "ClientClosedError",
@@ -24,10 +26,23 @@ __all__ = [
 
 _MAX_SHOWN = 80
 
+# reprlib bounds the work as well as the text: a huge or deeply nested (or self-containing) value is
+# never rendered whole just to be cut.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 6
+_REPR.maxstring = _REPR.maxother = _MAX_SHOWN
+
 
 def shorten(value: object, limit: int = _MAX_SHOWN) -> str:
     """repr() of a value, cut so a multi-megabyte bad value never floods a log line."""
-    text = repr(value)
+    if isinstance(value, str | bytes) and len(value) > limit:
+        unit = "chars" if isinstance(value, str) else "bytes"
+        return f"{repr(value[:limit])[: limit - 15]}... ({len(value)} {unit})"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a broken __repr__ must not replace the error being reported
+        text = f"<{type(value).__name__} object>"
     if len(text) <= limit:
         return text
     return f"{text[: limit - 15]}... ({len(text)} chars)"

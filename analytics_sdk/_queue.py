@@ -6,6 +6,7 @@ Cluster make the prefix a hash tag such as ``{analytics}`` so that the scripts' 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 __all__ = [
     "ACK_STATS",
@@ -26,6 +28,8 @@ __all__ = [
     "push",
     "take_over",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +87,23 @@ class PushResult(NamedTuple):
 async def push(client: aioredis.Redis, keys: QueueKeys, payloads: Sequence[bytes], cap: int) -> PushResult:
     """Append ``payloads`` atomically: ``MULTI; RPUSH; LTRIM -cap -1; EXEC``.
 
-    The list only ever holds ``cap`` items before a push, so this push trimmed
-    ``max(0, length - cap)`` of the oldest, never more than it added; that is added to the dropped
-    counter (after EXEC: LTRIM reports nothing, and MULTI cannot branch on a reply).
+    The MULTI makes the RPUSH reply the exact length the LTRIM then cut to ``cap``, so this push
+    trimmed exactly ``max(0, length - cap)`` of the oldest (more than it added when the cap was
+    lowered since); that is added to the dropped counter after EXEC (LTRIM reports nothing, and MULTI
+    cannot branch on a reply).
     """
     async with client.pipeline(transaction=True) as pipe:
         pipe.rpush(keys.queue, *payloads)
         pipe.ltrim(keys.queue, -cap, -1)
         length, _ = await pipe.execute()
-    dropped = min(len(payloads), max(0, int(length) - cap))
+    dropped = max(0, int(length) - cap)
     if dropped:
-        await client.incrby(keys.dropped, dropped)
+        try:
+            await client.incrby(keys.dropped, dropped)
+        except RedisError as exc:
+            # The events are queued: raising now would make the caller (or its retry) push them
+            # again. Only the count is lost, and said so.
+            logger.error("queue %s: could not count %s dropped event(s): %s", keys.queue, dropped, exc)
     return PushResult(int(length), dropped)
 
 

@@ -8,11 +8,12 @@ The variable for an attribute is ``ANALYTICS_`` + the attribute name upper-cased
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ._exceptions import ConfigurationError
 
@@ -28,18 +29,19 @@ def redact_url(url: str | None) -> str | None:
         return url
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    if password is not None:
+        # The netloc as written, minus the password: .port would raise on a bad port.
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query and "password" in parts.query.lower():
+        # redis-py also reads ?password=... from the query string.
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def env_name(attribute: str) -> str:
@@ -48,8 +50,10 @@ def env_name(attribute: str) -> str:
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(env_name(name), value, "must be greater than 0")
+    # not (value > 0): NaN compares false both ways and must not slip through; inf is no timeout.
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        reason = "must be a finite number " + ("of 0 or more" if allow_zero else "greater than 0")
+        raise ConfigurationError(env_name(name), value, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +141,15 @@ class Settings:
             ("database_url", ("postgresql", "postgres")),
         ):
             url = getattr(self, name)
-            if url is not None and urlsplit(url).scheme not in schemes:
+            if url is None:
+                continue
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
+            except ValueError as exc:
+                shown = redact_url(url)
+                raise ConfigurationError(env_name(name), shown, f"is not a valid URL ({exc})") from None
+            if parts.scheme not in schemes:
                 raise ConfigurationError(
                     env_name(name), redact_url(url), f"scheme must be one of {', '.join(schemes)}"
                 )
