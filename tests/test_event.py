@@ -1,0 +1,501 @@
+"""Event validation, normalisation and the JSON wire format: pure unit tests, no services."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import pickle
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+
+from analytics_sdk import Event, ValidationError, decode, validate
+from analytics_sdk._event import FIELD_LIMITS, FIELDS, WIRE_VERSION, new_event_id
+
+NOW = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
+EVENT_ID = "0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0b"
+TEXT_FIELDS = tuple(FIELD_LIMITS)
+
+
+def check(fields: dict[str, Any], field: str, *, max_metadata_bytes: int = 32 * 1024) -> ValidationError:
+    """Validate ``fields``; assert a ValidationError (also a ValueError) naming ``field``."""
+    with pytest.raises(ValidationError) as info:
+        validate(fields, max_metadata_bytes=max_metadata_bytes, now=NOW)
+    exc = info.value
+    assert isinstance(exc, ValueError)
+    assert exc.field == field or exc.field.startswith(field + "."), exc.field
+    assert str(exc).startswith(exc.field + "="), str(exc)
+    assert len(str(exc)) < 400, "the message shows the value shortened"
+    return exc
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {"event_type": "page_view", **fields}
+
+
+# -- required, types --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [{}, {"user_id": "1"}, {"event_type": None}])
+def test_missing_event_type(fields: dict[str, Any]) -> None:
+    exc = check(fields, "event_type")
+    assert "required" in exc.reason
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_empty_event_type(value: str) -> None:
+    exc = check({"event_type": value}, "event_type")
+    assert repr(value) in str(exc)
+
+
+@pytest.mark.parametrize("name", TEXT_FIELDS)
+@pytest.mark.parametrize("value", [3.5, b"bytes", ["x"], {"a": 1}, True])
+def test_text_field_wrong_type(name: str, value: object) -> None:
+    exc = check(event(**{name: value}), name)
+    assert type(value).__name__ in exc.reason
+    assert exc.value == value
+
+
+@pytest.mark.parametrize("name", ["event_type", "entity_type", "user_agent", "referrer"])
+def test_non_id_text_field_rejects_int(name: str) -> None:
+    check(event(**{name: 42}), name)
+
+
+@pytest.mark.parametrize("name", ["user_id", "session_id", "entity_id"])
+def test_integer_ids_become_text(name: str) -> None:
+    assert getattr(validate(event(**{name: 42})), name) == "42"
+
+
+@pytest.mark.parametrize("name", TEXT_FIELDS)
+def test_nul_in_every_text_field(name: str) -> None:
+    exc = check(event(**{name: "a\x00b"}), name)
+    assert "NUL" in exc.reason
+    assert r"'a\x00b'" in str(exc)
+
+
+@pytest.mark.parametrize("name", TEXT_FIELDS)
+def test_lone_surrogate_in_text_field(name: str) -> None:
+    exc = check(event(**{name: "a\ud800"}), name)
+    assert "surrogate" in exc.reason
+
+
+@pytest.mark.parametrize("name", TEXT_FIELDS)
+def test_string_over_limit(name: str) -> None:
+    limit = FIELD_LIMITS[name]
+    assert getattr(validate(event(**{name: "x" * limit})), name) == "x" * limit
+    exc = check(event(**{name: "y" * (limit + 1)}), name)
+    assert str(limit) in exc.reason
+    assert f"({limit + 1} chars)" in str(exc), "a long value is shown cut, with its length"
+    assert "yyyy" in str(exc)
+
+
+def test_unknown_field() -> None:
+    exc = check(event(colour="red"), "colour")
+    assert "'red'" in str(exc)
+    assert "not an event field" in exc.reason
+
+
+def test_unknown_non_string_field_name() -> None:
+    with pytest.raises(ValidationError, match="not an event field"):
+        validate({"event_type": "x", 1: "one"})  # type: ignore[dict-item]
+
+
+# -- event_id -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["not-a-uuid", "1234", "0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0", "a\x00b", ""])
+def test_event_id_not_a_uuid(value: str) -> None:
+    exc = check(event(event_id=value), "event_id")
+    assert repr(value) in str(exc)
+
+
+@pytest.mark.parametrize("value", [12345, 1.5, b"0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0b"])
+def test_event_id_wrong_type(value: object) -> None:
+    check(event(event_id=value), "event_id")
+
+
+def test_event_id_normalised() -> None:
+    given = uuid.UUID(EVENT_ID)
+    assert validate(event(event_id=given)).event_id == EVENT_ID
+    assert validate(event(event_id=EVENT_ID.upper())).event_id == EVENT_ID
+    assert validate(event(event_id=EVENT_ID.replace("-", ""))).event_id == EVENT_ID
+
+
+def test_new_event_id_is_uuid7_and_time_ordered() -> None:
+    ids = [new_event_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:10]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
+    millis = [int(text.replace("-", "")[:12], 16) for text in ids]
+    assert millis == sorted(millis)
+    assert abs(millis[0] - datetime.now(UTC).timestamp() * 1000) < 60_000
+
+
+# -- ip_address --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["127.1", "256.1.1.1", "010.0.0.1", "not an ip", "1.2.3.4/24", "::g", "1.2.3.4\x00", ""]
+)
+def test_ip_rejected_by_ipaddress(value: str) -> None:
+    exc = check(event(ip_address=value), "ip_address")
+    assert repr(value) in str(exc)
+
+
+@pytest.mark.parametrize("value", ["fe80::1%eth0", "fe80::1%1"])
+def test_ipv6_zone_id_rejected(value: str) -> None:
+    exc = check(event(ip_address=value), "ip_address")
+    assert "zone" in exc.reason
+
+
+@pytest.mark.parametrize("value", [3232235777, 1.0, b"1.2.3.4"])
+def test_ip_wrong_type(value: object) -> None:
+    check(event(ip_address=value), "ip_address")
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:DB8::0:1", "2001:db8::1"),
+        (ipaddress.ip_address("198.51.100.7"), "198.51.100.7"),
+        (ipaddress.ip_address("::1"), "::1"),
+    ],
+)
+def test_ip_normalised(given: object, stored: str) -> None:
+    assert validate(event(ip_address=given)).ip_address == stored
+
+
+# -- created_at --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(1999, 12, 31, 23, 59, tzinfo=UTC),
+        datetime(1970, 1, 1),
+        NOW + timedelta(days=1, seconds=1),
+        "9999-12-31T23:59:59-05:00",
+        "0001-01-01T00:00:00+05:00",
+        "1970-01-01T00:00:00Z",
+    ],
+)
+def test_created_at_out_of_range(value: object) -> None:
+    exc = check(event(created_at=value), "created_at")
+    assert "2000" in exc.reason
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2024-13-01", "2024-05-17T25:00:00", "", "2024-05-17\x00"])
+def test_created_at_unparseable(value: str) -> None:
+    exc = check(event(created_at=value), "created_at")
+    assert "ISO 8601" in exc.reason
+    assert repr(value) in str(exc)
+
+
+@pytest.mark.parametrize("value", [1715949045, 1715949045.5, NOW.date()])
+def test_created_at_wrong_type(value: object) -> None:
+    check(event(created_at=value), "created_at")
+
+
+def test_created_at_normalised_to_utc() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    local = NOW.astimezone(plus_two)
+    assert validate(event(created_at=local), now=NOW).created_at == NOW
+    assert validate(event(created_at=local.isoformat()), now=NOW).created_at.utcoffset() == timedelta(0)
+    naive = validate(event(created_at=NOW.replace(tzinfo=None)), now=NOW).created_at
+    assert naive == NOW, "a naive datetime is taken as UTC"
+    assert validate(event(), now=NOW).created_at == NOW
+    default = validate(event()).created_at
+    assert default.tzinfo is not None
+    assert abs(default - datetime.now(UTC)) < timedelta(seconds=60)
+
+
+# -- event_metadata ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [[1, 2], 5, 1.5, True, '["a"]', "42", '"text"', b"[1]", bytearray(b"{}")])
+def test_metadata_not_an_object(value: object) -> None:
+    exc = check(event(event_metadata=value), "event_metadata")
+    assert "object" in exc.reason
+
+
+@pytest.mark.parametrize("value", ["{", "{'a': 1}", "{a: 1}", '{"a": NaN}', '{"a": Infinity}', "", b"\xff"])
+def test_metadata_invalid_json_string(value: str | bytes) -> None:
+    exc = check(event(event_metadata=value), "event_metadata")
+    assert "JSON" in exc.reason
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_metadata_non_finite_float(value: float) -> None:
+    exc = check(event(event_metadata={"score": value}), "event_metadata")
+    assert exc.field == "event_metadata.score"
+    assert "finite" in exc.reason
+
+
+def test_metadata_nested_nan_named_by_path() -> None:
+    exc = check(event(event_metadata={"a": {"b": [1, math.nan]}}), "event_metadata")
+    assert exc.field == "event_metadata.a.b[1]"
+
+
+@pytest.mark.parametrize("value", [{1, 2}, frozenset({1}), object(), b"bytes", datetime(2024, 1, 1), 1 + 2j])
+def test_metadata_value_not_serialisable(value: object) -> None:
+    exc = check(event(event_metadata={"v": value}), "event_metadata")
+    assert "JSON-serialisable" in exc.reason
+
+
+@pytest.mark.parametrize("key", [1, 1.5, None, ("t",), b"k"])
+def test_metadata_non_string_key(key: object) -> None:
+    exc = check(event(event_metadata={key: 1}), "event_metadata")
+    assert "key" in exc.reason
+
+
+def test_metadata_nul_in_key_and_value() -> None:
+    exc = check(event(event_metadata={"a\x00": 1}), "event_metadata")
+    assert "NUL" in exc.reason
+    exc = check(event(event_metadata={"a": "b\x00"}), "event_metadata")
+    assert exc.field == "event_metadata.a"
+    exc = check(event(event_metadata={"a": [{"b\x00c": 1}]}), "event_metadata")
+    assert "NUL" in exc.reason
+    exc = check(event(event_metadata='{"a": "\\u0000"}'), "event_metadata")
+    assert "NUL" in exc.reason
+
+
+def test_metadata_str_and_float_subclasses_checked() -> None:
+    class Text(str):
+        pass
+
+    class Number(float):
+        pass
+
+    check(event(event_metadata={"a": Text("x\x00")}), "event_metadata")
+    check(event(event_metadata={"a": Number("nan")}), "event_metadata")
+
+
+def test_metadata_lone_surrogate() -> None:
+    check(event(event_metadata={"a": "\udc80"}), "event_metadata")
+    check(event(event_metadata={"\udc80": 1}), "event_metadata")
+
+
+def test_metadata_integer_beyond_64_bits() -> None:
+    check(event(event_metadata={"a": 2**64}), "event_metadata")
+
+
+def test_metadata_self_containing_or_too_deep() -> None:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    exc = check(event(event_metadata=loop), "event_metadata")
+    assert "nested" in exc.reason
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(5000):
+        node["a"] = {}
+        node = node["a"]
+    check(event(event_metadata=deep), "event_metadata")
+
+
+def test_metadata_over_size_limit() -> None:
+    limit = 1024
+    body = {"text": "x" * (limit - len('{"text":""}'))}
+    assert len(orjson.dumps(body)) == limit
+    assert validate(event(event_metadata=body), max_metadata_bytes=limit).event_metadata == body
+    body["text"] += "x"
+    exc = check(event(event_metadata=body), "event_metadata", max_metadata_bytes=limit)
+    assert f"{limit + 1} bytes" in exc.reason
+    assert str(limit) in exc.reason
+    check(event(event_metadata=orjson.dumps(body).decode()), "event_metadata", max_metadata_bytes=limit)
+    # The default limit is 32 KiB.
+    check(event(event_metadata={"t": "x" * 40_000}), "event_metadata")
+
+
+def test_metadata_json_string_parsed() -> None:
+    parsed = validate(event(event_metadata='{"scroll": 0.8, "tags": ["a", "b"], "n": null}'))
+    assert parsed.event_metadata == {"scroll": 0.8, "tags": ["a", "b"], "n": None}
+    assert validate(event(event_metadata=b'{"k": 1}')).event_metadata == {"k": 1}
+    assert validate(event(event_metadata="{}")).event_metadata == {}
+    assert validate(event(event_metadata=None)).event_metadata == {}
+    assert validate(event()).event_metadata == {}
+
+
+def test_metadata_mappings_and_subclasses_accepted() -> None:
+    class Colour(enum.StrEnum):
+        RED = "red"
+
+    metadata = validate(event(event_metadata=OrderedDict(a=OrderedDict(b=(1, 2)), c=Colour.RED)))
+    assert orjson.loads(metadata.encode())["event_metadata"] == {"a": {"b": [1, 2]}, "c": "red"}
+
+
+# -- messages ----------------------------------------------------------------------------------------
+
+
+def test_huge_bad_value_is_shortened() -> None:
+    value = "z" * 5_000_000 + "\x00"
+    exc = check(event(user_agent=value), "user_agent")
+    assert exc.value is value
+    assert "(5000001 chars)" in str(exc)
+
+
+def test_validation_error_is_value_error_and_analytics_error() -> None:
+    from analytics_sdk import AnalyticsError
+
+    with pytest.raises(ValueError, match="event_type"):
+        validate({"event_type": ""})
+    with pytest.raises(AnalyticsError):
+        validate({"event_type": ""})
+
+
+# -- round trip --------------------------------------------------------------------------------------
+
+
+def full_event() -> Event:
+    return validate(
+        {
+            "event_id": EVENT_ID,
+            "event_type": "purchase",
+            "user_id": "user-42",
+            "session_id": "sess-é-🙂",
+            "entity_type": "article",
+            "entity_id": 7,
+            "event_metadata": {
+                "price": 9.99,
+                "qty": 2,
+                "tags": ["a", "b"],
+                "nested": {"ok": True},
+                "n": None,
+            },
+            "ip_address": "2001:db8::1",
+            "user_agent": "Mozilla/5.0 (X11; Linux x86_64)",
+            "referrer": "https://example.com/a?b=c",
+            "created_at": NOW,
+        },
+        now=NOW,
+    )
+
+
+def test_round_trip_every_field() -> None:
+    original = full_event()
+    assert all(value is not None for value in original), "every field is set"
+    raw = original.encode()
+    doc = orjson.loads(raw)
+    assert doc["v"] == WIRE_VERSION
+    assert set(doc) == {"v", *FIELDS}
+    decoded = decode(raw)
+    assert decoded == original
+    assert decoded.created_at.tzinfo is not None
+    assert decoded.as_dict() == original.as_dict()
+    assert decode(raw.decode()) == original
+
+
+def test_round_trip_minimal_event_omits_none() -> None:
+    original = validate({"event_type": "x"}, now=NOW)
+    doc = orjson.loads(original.encode())
+    assert set(doc) == {"v", "event_id", "event_type", "event_metadata", "created_at"}
+    assert decode(original.encode()) == original
+
+
+def test_round_trip_of_metadata_given_as_string() -> None:
+    original = validate(event(event_metadata='{"a": [1, 2.5, "x"]}'), now=NOW)
+    assert decode(original.encode()).event_metadata == {"a": [1, 2.5, "x"]}
+
+
+# -- decode ------------------------------------------------------------------------------------------
+
+_UNPICKLED: list[str] = []
+
+
+def _mark_unpickled() -> str:
+    _UNPICKLED.append("unpickled")
+    return "unpickled"
+
+
+class _Trap:
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_mark_unpickled, ())
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"not json", b"\x80\x04\x95", b"{", b"\xff\xfe{}", "{'v': 1}", b'{"v": 1} trailing']
+)
+def test_decode_non_json(raw: bytes | str) -> None:
+    with pytest.raises(ValidationError) as info:
+        decode(raw)
+    assert info.value.field == "payload"
+    assert isinstance(info.value, ValueError)
+
+
+def test_decode_never_unpickles() -> None:
+    for payload in (
+        pickle.dumps(_Trap()),
+        pickle.dumps({"v": 1, "event_type": "x"}),
+        pickle.dumps([_Trap()], 0),
+    ):
+        pickle_protocol_sanity = payload[:1]
+        assert pickle_protocol_sanity in (b"\x80", b"(", b"c")
+        with pytest.raises(ValidationError) as info:
+            decode(payload)
+        assert info.value.field == "payload"
+    assert _UNPICKLED == []
+    # The trap works when unpickled, so the assertion above means something.
+    assert pickle.loads(pickle.dumps(_Trap())) == "unpickled"
+    _UNPICKLED.clear()
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"1", b'"text"', b"null", b"true"])
+def test_decode_not_an_object(raw: bytes) -> None:
+    with pytest.raises(ValidationError) as info:
+        decode(raw)
+    assert info.value.field == "payload"
+
+
+@pytest.mark.parametrize("version", [None, 0, 2, "1", True, 1.0, [1]])
+def test_decode_wrong_version(version: object) -> None:
+    doc: dict[str, Any] = orjson.loads(full_event().encode())
+    if version is None:
+        del doc["v"]
+    else:
+        doc["v"] = version
+    with pytest.raises(ValidationError) as info:
+        decode(orjson.dumps(doc))
+    assert info.value.field == "v"
+
+
+def test_decode_requires_event_id() -> None:
+    with pytest.raises(ValidationError) as info:
+        decode(b'{"v": 1, "event_type": "x"}')
+    assert info.value.field == "event_id"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"event_type": ""}, "event_type"),
+        ({"ip_address": "127.1"}, "ip_address"),
+        ({"user_id": "a\x00"}, "user_id"),
+        ({"event_metadata": [1]}, "event_metadata"),
+        ({"event_metadata": {"a": "\x00"}}, "event_metadata.a"),
+        ({"created_at": "1970-01-01T00:00:00+00:00"}, "created_at"),
+        ({"colour": "red"}, "colour"),
+        ({"event_id": "nope"}, "event_id"),
+    ],
+)
+def test_decode_revalidates(change: dict[str, Any], field: str) -> None:
+    doc: dict[str, Any] = orjson.loads(full_event().encode())
+    doc.update(change)
+    with pytest.raises(ValidationError) as info:
+        decode(orjson.dumps(doc))
+    assert info.value.field == field
+
+
+def test_decode_applies_metadata_limit() -> None:
+    raw = validate(event(event_metadata={"t": "x" * 500}), now=NOW).encode()
+    assert decode(raw, max_metadata_bytes=1000).event_metadata["t"] == "x" * 500
+    with pytest.raises(ValidationError) as info:
+        decode(raw, max_metadata_bytes=100)
+    assert info.value.field == "event_metadata"
