@@ -102,6 +102,7 @@ class AnalyticsClient:
 
     async def track_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
         """Validate every event first (one bad event pushes none), then push all in one MULTI."""
+        self._check_open()  # also for an empty list: a closed client says so every time
         limit = self.settings.analytics_max_metadata_bytes
         validated = [e if isinstance(e, Event) else validate(e, max_metadata_bytes=limit) for e in events]
         if validated:
@@ -206,6 +207,7 @@ class AnalyticsClient:
         return batch, futures
 
     async def _flush_loop(self, client: aioredis.Redis) -> None:
+        futures: list[asyncio.Future[None]] = []
         try:
             while self._waiting:
                 batch, futures = self._take_batch()
@@ -225,10 +227,12 @@ class AnalyticsClient:
                         future.set_result(None)
                 self._after_push(client, result)
         except BaseException as exc:
-            # A bug or a cancellation here must not leave any caller waiting forever.
-            error = PublishError(f"the client's push loop stopped: {exc!r}")
-            for _, future in self._waiting:
+            # A bug or a cancellation here must not leave any caller waiting forever: neither those
+            # whose batch was in flight (already taken off _waiting) nor those still queued.
+            for future in [*futures, *(f for _, f in self._waiting)]:
                 if not future.done():
+                    error = PublishError(f"the client's push loop stopped: {exc!r}")
+                    error.__cause__ = exc
                     future.set_exception(error)
             self._waiting.clear()
             raise
