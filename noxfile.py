@@ -32,3 +32,13 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[bridge]", *_group("typecheck"), *_group("test"))
     session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job end to end: Redis -> a real Celery worker -> PostgreSQL, with a summary.
+
+    ``nox -s demo -- --users 50 --events-per-user 20`` passes options to the demo (``--help``).
+    """
+    session.install("-e", ".[bridge]")
+    session.run("python", "-m", "bridge.demo", *session.posargs)
