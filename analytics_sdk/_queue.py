@@ -26,6 +26,8 @@ __all__ = [
     "dead_letter_entry",
     "expired_leases",
     "push",
+    "set_reclaims",
+    "split_lease",
     "take_over",
 ]
 
@@ -193,7 +195,7 @@ def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
 async def ack(
     client: aioredis.Redis,
     keys: QueueKeys,
-    batch_id: str,
+    batch_id: str | Sequence[str],
     *,
     dead_letters: Sequence[bytes] = (),
     stats: dict[str, int] | None = None,
@@ -203,7 +205,10 @@ async def ack(
 
     One transaction, so a crash never leaves a dead letter whose batch is still in flight (it would
     be dead-lettered twice on reclaim) nor a released batch whose dead letters were not written.
+    ``batch_id`` may be several ids: a drain that committed several claims in one transaction
+    releases them together.
     """
+    batch_ids = [batch_id] if isinstance(batch_id, str) else list(batch_id)
     async with client.pipeline(transaction=True) as pipe:
         if dead_letters:
             pipe.rpush(keys.dead, *dead_letters)
@@ -212,7 +217,34 @@ async def ack(
                 pipe.hincrby(keys.stats, name, value)
         if summary is not None:
             pipe.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": summary})
+        if batch_ids:
+            pipe.delete(*(keys.inflight(b) for b in batch_ids))
+            pipe.zrem(keys.leases, *batch_ids)
+            pipe.hdel(keys.reclaims, *batch_ids)
+        await pipe.execute()
+
+
+async def split_lease(
+    client: aioredis.Redis, keys: QueueKeys, batch_id: str, parts: Sequence[tuple[str, Sequence[bytes]]]
+) -> None:
+    """Replace the lease ``batch_id`` by one new lease per ``(new_batch_id, items)``, in one MULTI.
+
+    The drain splits a batch that keeps killing its worker (a poison event) into leases it can try
+    one at a time; a crash while one of them is processed then incriminates only that one. The
+    caller holds the lease (it just took it over), so nobody else is reading the old list.
+    """
+    now = _now_ms()
+    async with client.pipeline(transaction=True) as pipe:
+        for new_id, items in parts:
+            if items:
+                pipe.rpush(keys.inflight(new_id), *items)
+                pipe.zadd(keys.leases, {new_id: now})
         pipe.delete(keys.inflight(batch_id))
         pipe.zrem(keys.leases, batch_id)
         pipe.hdel(keys.reclaims, batch_id)
         await pipe.execute()
+
+
+async def set_reclaims(client: aioredis.Redis, keys: QueueKeys, batch_id: str, count: int) -> None:
+    """Set the take-over count of a lease (the drain marks the split lease it is about to try)."""
+    await client.hset(keys.reclaims, batch_id, count)

@@ -1,0 +1,77 @@
+"""The Celery app of the bridge: configuration only.
+
+Everything comes from ``Settings.from_env()`` (``ANALYTICS_*`` variables): the broker, the flush
+interval, the time limits. Nothing here opens a connection: the prefork pool forks after import,
+and an async client made before the fork would be shared by every child.
+
+Start-up refuses a configuration that would let two drains own the same batch: the visibility
+timeout (after which another drain takes a batch over) must exceed the task's hard time limit
+(after which the worker kills a drain that is still running), and the soft limit must come first.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery
+
+from analytics_sdk._exceptions import ConfigurationError
+from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
+from analytics_sdk._settings import Settings, env_name
+
+__all__ = ["app", "check_time_limits", "settings"]
+
+
+def check_time_limits(settings: Settings) -> None:
+    """Raise :class:`ConfigurationError` unless soft limit < hard limit < visibility timeout."""
+    hard = settings.analytics_task_time_limit
+    if settings.analytics_task_soft_time_limit >= hard:
+        raise ConfigurationError(
+            env_name("analytics_task_soft_time_limit"),
+            settings.analytics_task_soft_time_limit,
+            f"must be less than {env_name('analytics_task_time_limit')}={hard}",
+        )
+    if settings.analytics_visibility_timeout <= hard:
+        raise ConfigurationError(
+            env_name("analytics_visibility_timeout"),
+            settings.analytics_visibility_timeout,
+            f"must exceed {env_name('analytics_task_time_limit')}={hard}: a drain still running "
+            "when its batch is taken over would insert it twice and ack another drain's lease",
+        )
+
+
+settings = Settings.from_env()
+check_time_limits(settings)
+
+app = Celery("bridge", broker=settings.broker_dsn, include=["bridge.tasks"])
+app.conf.update(
+    # JSON only, in and out: nothing from the broker is ever unpickled.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    event_serializer="json",
+    task_default_queue=FLUSH_QUEUE,
+    task_routes={FLUSH_TASK: {"queue": FLUSH_QUEUE}},
+    # The events live in Redis under their own claim/ack protocol; the task message only says "drain
+    # now". Late acks and prefetch 1 keep a killed worker's task from vanishing with a long queue
+    # behind it; a lost task is not re-queued (beat sends another), so a poison batch that kills
+    # its worker does not turn into a redelivery loop of the task itself.
+    task_acks_late=True,
+    task_reject_on_worker_lost=False,
+    worker_prefetch_multiplier=1,
+    task_time_limit=settings.analytics_task_time_limit,
+    task_soft_time_limit=settings.analytics_task_soft_time_limit,
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    timezone="UTC",
+    enable_utc=True,
+    beat_schedule={
+        "flush-analytics-events": {
+            "task": FLUSH_TASK,
+            "schedule": timedelta(seconds=settings.analytics_flush_interval),
+            # A tick nobody picked up before the next one is redundant: drop it, don't pile up.
+            "options": {"queue": FLUSH_QUEUE, "expires": max(1.0, settings.analytics_flush_interval)},
+        }
+    },
+)

@@ -1,0 +1,132 @@
+"""PostgreSQL writes through asyncpg: COPY into a staging table, then one INSERT ... ON CONFLICT.
+
+COPY is the fastest way in but has no ON CONFLICT, and a plain INSERT of redelivered events would
+fail on the unique event_id. So the rows are COPYed into a temporary staging table and moved with
+``INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING``, in one transaction: redelivered or
+duplicated events become one row. No per-row round trip anywhere.
+
+The staging table stores ``event_metadata`` and ``ip_address`` as text and the INSERT casts them to
+jsonb and inet: the server parses each value exactly once either way, and the client sends plain
+strings instead of running asyncpg's per-row inet/jsonb encoders.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import asyncpg
+import orjson
+
+from analytics_sdk._event import Event
+
+from ._errors import is_connection_error, is_data_error
+from .schema import TABLE_NAME
+
+__all__ = ["STAGING_TABLE", "InsertResult", "insert_events", "is_connection_error", "is_data_error"]
+
+logger = logging.getLogger(__name__)
+
+STAGING_TABLE = "analytics_events_staging"
+_COLUMNS = (
+    "event_id",
+    "event_type",
+    "user_id",
+    "session_id",
+    "entity_type",
+    "entity_id",
+    "event_metadata",
+    "ip_address",
+    "user_agent",
+    "referrer",
+    "created_at",
+)
+_CASTS = {"event_metadata": "::jsonb", "ip_address": "::inet"}
+
+# ON COMMIT DELETE ROWS: the table lives as long as the connection and empties itself at each commit
+# (a rollback discards the staged rows anyway), so no per-transaction CREATE/DROP churns the catalog.
+_CREATE_STAGING = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (
+    event_id uuid, event_type text, user_id text, session_id text, entity_type text, entity_id text,
+    event_metadata text, ip_address text, user_agent text, referrer text, created_at timestamptz
+) ON COMMIT DELETE ROWS
+"""
+_INSERT = (
+    f"INSERT INTO {TABLE_NAME} ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(c + _CASTS.get(c, '') for c in _COLUMNS)} FROM pg_temp.{STAGING_TABLE} "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+
+# Connections whose staging table exists (created outside any transaction, so no rollback undoes it).
+_staged: weakref.WeakSet[asyncpg.Connection[Any]] = weakref.WeakSet()
+
+
+class InsertResult(NamedTuple):
+    inserted: int  # new rows
+    duplicates: int  # events whose event_id was already in the table (or twice in this call)
+
+
+def _record(event: Event) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        event.event_type,
+        event.user_id,
+        event.session_id,
+        event.entity_type,
+        event.entity_id,
+        orjson.dumps(event.event_metadata).decode(),
+        event.ip_address,
+        event.user_agent,
+        event.referrer,
+        event.created_at,
+    )
+
+
+async def _load(conn: asyncpg.Connection[Any], records: list[tuple[Any, ...]]) -> int:
+    await conn.copy_records_to_table(STAGING_TABLE, records=records, columns=_COLUMNS, schema_name="pg_temp")
+    status = await conn.execute(_INSERT)
+    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
+
+
+async def insert_events(
+    conn: asyncpg.Connection[Any],
+    events: Sequence[Event],
+    *,
+    before_commit: Callable[[], None] | None = None,
+) -> InsertResult:
+    """Insert ``events``; one transaction; duplicates of existing event_ids are skipped and counted.
+
+    Opens its own transaction, and calls ``before_commit()`` (if given) inside it after the rows are
+    sent. Called inside the caller's transaction it joins that one instead (the caller commits).
+    Raises asyncpg errors unchanged; classify them with :func:`is_data_error` (bisect the batch) and
+    :func:`is_connection_error` (retry later).
+    """
+    if not events:
+        return InsertResult(0, 0)
+    records = [_record(e) for e in events]
+    if conn.is_in_transaction():
+        # The staging table may not exist yet, or hold rows of an earlier call in this transaction.
+        await conn.execute(f"{_CREATE_STAGING}; DELETE FROM pg_temp.{STAGING_TABLE}")
+        inserted = await _load(conn, records)
+        if before_commit is not None:
+            before_commit()
+        return InsertResult(inserted, len(records) - inserted)
+    for attempt in (1, 2):
+        if conn not in _staged:
+            await conn.execute(_CREATE_STAGING)
+            _staged.add(conn)
+        try:
+            async with conn.transaction():
+                inserted = await _load(conn, records)
+                if before_commit is not None:
+                    before_commit()
+        except asyncpg.UndefinedTableError:
+            # A pool's reset (DISCARD ALL) drops temporary tables behind our back: make it again.
+            _staged.discard(conn)
+            if attempt == 2:
+                raise
+            continue
+        return InsertResult(inserted, len(records) - inserted)
+    raise AssertionError("unreachable")

@@ -1,0 +1,64 @@
+"""``flush_analytics_events``: the Celery task, a sync shell around ``asyncio.run(drain(...))``.
+
+Each run makes a fresh event loop and :func:`bridge.drain.drain` makes and closes its own Redis
+client and PostgreSQL connection inside it, so nothing async outlives a run or crosses the fork.
+
+Retries: only connection-class errors (Redis or PostgreSQL unreachable, dropped, timing out) are
+retried, at most 3 times with exponential backoff and jitter. The soft and hard time limits come
+from the app's configuration (``task_soft_time_limit``/``task_time_limit``, set from the settings,
+which the stubs type as int while Celery takes fractions of a second). A data error never reaches this
+level: the drain dead-letters the rows it can never insert and commits the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from celery import Task
+
+from analytics_sdk._sender import FLUSH_EXPIRES, FLUSH_QUEUE, FLUSH_TASK
+from analytics_sdk._settings import Settings
+
+from ._errors import CONNECTION_ERRORS, ConnectionLostError, is_connection_error
+from .celery_app import app
+from .drain import drain
+
+__all__ = ["flush_analytics_events"]
+
+logger = logging.getLogger(__name__)
+
+
+@app.task(
+    name=FLUSH_TASK,
+    bind=True,
+    queue=FLUSH_QUEUE,
+    acks_late=True,
+    autoretry_for=CONNECTION_ERRORS,
+    max_retries=3,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    retry_jitter=True,
+)
+def flush_analytics_events(self: Task[Any, Any], time_budget: float | None = None) -> dict[str, Any]:
+    """Drain the queue; return the summary (claimed, inserted, duplicates, dead_lettered, reclaimed,
+    batches, seconds, backlog). When the time budget ran out with events still queued, send itself
+    again so the backlog keeps moving without waiting for the next beat."""
+    current = Settings.from_env()  # read per run: cheap, and follows the worker's environment
+    try:
+        summary = asyncio.run(drain(current, time_budget=time_budget))
+    except Exception as exc:
+        if is_connection_error(exc) and not isinstance(exc, CONNECTION_ERRORS):
+            # e.g. asyncpg's "connection is closed" InterfaceError: give autoretry a type it knows.
+            raise ConnectionLostError(f"{type(exc).__name__}: {exc}") from exc
+        raise
+    if summary.budget_spent and summary.backlog and not self.request.is_eager:
+        try:
+            self.apply_async(kwargs={"time_budget": time_budget}, queue=FLUSH_QUEUE, expires=FLUSH_EXPIRES)
+            logger.info(
+                "%s events still queued after the time budget: sent %s again", summary.backlog, FLUSH_TASK
+            )
+        except Exception as exc:  # the events are safe in Redis; beat will come back for them
+            logger.warning("could not re-send %s (%s); beat will continue the drain", FLUSH_TASK, exc)
+    return summary.as_dict()
