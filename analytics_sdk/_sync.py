@@ -10,23 +10,26 @@ parent's.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 from ._client import AnalyticsClient
 from ._event import Event, validate
-from ._exceptions import ClientClosedError
+from ._exceptions import AnalyticsError, ClientClosedError
 from ._settings import Settings, redact_url
 
 __all__ = ["SyncAnalyticsClient"]
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -34,7 +37,34 @@ class _Runtime:
     pid: int
     portal: BlockingPortal
     client: AnalyticsClient
-    stack: contextlib.ExitStack
+    thread: threading.Thread
+
+
+def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
+    """An event loop with a blocking portal on a daemon thread.
+
+    Not anyio's ``start_blocking_portal``: its thread belongs to a ThreadPoolExecutor, which the
+    interpreter joins at exit, so a program that forgot ``close()`` hung forever on exit. A daemon
+    thread costs nothing at exit: every ``track()`` that returned was already acknowledged by Redis.
+    """
+    started: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        async with BlockingPortal() as portal:
+            started.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    def run() -> None:
+        try:
+            anyio.run(serve)
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=run, name="analytics-sdk", daemon=True)
+    thread.start()
+    return started.result(), thread
 
 
 class SyncAnalyticsClient:
@@ -76,11 +106,20 @@ class SyncAnalyticsClient:
         with self._lock:
             runtime = self._runtime
             if runtime is None or runtime.pid != pid:
-                stack = contextlib.ExitStack()
-                portal = stack.enter_context(start_blocking_portal(name="analytics-sdk"))
-                runtime = _Runtime(pid, portal, AnalyticsClient(self.settings), stack)
+                portal, thread = _start_portal()
+                runtime = _Runtime(pid, portal, AnalyticsClient(self.settings), thread)
                 self._runtime = runtime
         return runtime
+
+    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        runtime = self._get()
+        try:
+            return runtime.portal.call(func, *args)
+        except RuntimeError as exc:
+            # close() in another thread stopped the portal between _get() and the call.
+            if self._closed and not isinstance(exc, AnalyticsError):
+                raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one") from exc
+            raise
 
     def _validate(self, fields: Mapping[str, Any]) -> Event:
         return validate(fields, max_metadata_bytes=self.settings.analytics_max_metadata_bytes)
@@ -90,7 +129,7 @@ class SyncAnalyticsClient:
         fields["event_type"] = event_type
         event = self._validate(fields)
         runtime = self._get()
-        runtime.portal.call(runtime.client._enqueue, [event.encode()])
+        self._call(runtime.client._enqueue, [event.encode()])
         return event.event_id
 
     def track_event(
@@ -125,16 +164,14 @@ class SyncAnalyticsClient:
         validated = [e if isinstance(e, Event) else self._validate(e) for e in events]
         if validated:
             runtime = self._get()
-            runtime.portal.call(runtime.client._enqueue, [e.encode() for e in validated])
+            self._call(runtime.client._enqueue, [e.encode() for e in validated])
         return [e.event_id for e in validated]
 
     def get_queue_size(self) -> int:
-        runtime = self._get()
-        return runtime.portal.call(runtime.client.get_queue_size)
+        return self._call(self._get().client.get_queue_size)
 
     def flush_events_now(self) -> str:
-        runtime = self._get()
-        return runtime.portal.call(runtime.client.flush_events_now)
+        return self._call(self._get().client.flush_events_now)
 
     def close(self) -> None:
         """Finish what was handed over, close connections and stop the loop thread. Idempotent."""
@@ -145,7 +182,8 @@ class SyncAnalyticsClient:
         try:
             runtime.portal.call(runtime.client.aclose)
         finally:
-            runtime.stack.close()
+            runtime.portal.call(runtime.portal.stop)
+            runtime.thread.join(10)
 
     @property
     def closed(self) -> bool:
