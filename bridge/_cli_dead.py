@@ -1,0 +1,139 @@
+"""Dead letters: list, replay, purge.
+
+Replay never takes an entry out of the dead list before its event is safely back in the queue:
+
+1. ``LMOVE dead dead LEFT RIGHT`` rotates the head entry to the tail, atomically. The entry is in the
+   list before, during and after the move, so a crash here loses nothing.
+2. Its payload is re-validated with the same ``decode`` the drain uses.
+3. It passes: ``push`` (the SDK's MULTI RPUSH + LTRIM) puts the event back in the queue, and only then
+   ``LREM dead -1 entry`` removes that entry from the tail end. A crash between the two leaves the event
+   both queued and still dead-lettered; a later replay queues it again, and the sink's
+   ``ON CONFLICT (event_id) DO NOTHING`` turns the two copies into one row. At least once, never lost.
+4. It fails again: it simply stays where step 1 put it, with its original reason.
+
+Exactly as many rotations as the list held at the start are made, so each entry present then is
+looked at once; dead letters a drain adds meanwhile land at the tail behind them and are not touched.
+Run one replay at a time: a second concurrent one is harmless but may queue an event twice (one row).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from analytics_sdk._event import decode
+from analytics_sdk._exceptions import ValidationError
+from analytics_sdk._queue import QueueKeys, push
+from analytics_sdk._settings import Settings
+
+__all__ = ["ReplayResult", "list_dead", "purge_dead", "replay_dead", "shorten"]
+
+logger = logging.getLogger(__name__)
+
+
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def parse_entry(raw: bytes | str) -> dict[str, Any]:
+    """A dead-letter record as a dict; an unreadable one is shown as such, never dropped."""
+    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+    try:
+        entry = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        entry = None
+    if not isinstance(entry, dict):
+        return {"payload": text, "error": "unreadable dead-letter entry"}
+    return entry
+
+
+async def list_dead(
+    client: aioredis.Redis, keys: QueueKeys, offset: int, limit: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """(total, entries offset..offset+limit-1), oldest first."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.dead)
+        pipe.lrange(keys.dead, offset, offset + limit - 1)
+        total, raws = await pipe.execute()
+    return int(total), [parse_entry(raw) for raw in raws]
+
+
+@dataclass
+class ReplayResult:
+    examined: int = 0
+    requeued: int = 0
+    kept: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # why the kept ones still fail
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "examined": self.examined,
+            "requeued": self.requeued,
+            "kept": self.kept,
+            "reasons": self.reasons,
+        }
+
+
+def _revalidate(entry: dict[str, Any], settings: Settings) -> tuple[bytes | None, str]:
+    payload = entry.get("payload")
+    if not isinstance(payload, str):
+        return None, "entry has no payload"
+    try:
+        event = decode(payload, max_metadata_bytes=settings.analytics_max_metadata_bytes)
+    except ValidationError as exc:
+        return None, f"{exc.field}: {exc.reason}"
+    # Re-encoded in the current wire format; the event_id is kept, so a re-queued duplicate is one row.
+    return event.encode(), ""
+
+
+async def replay_dead(
+    client: aioredis.Redis,
+    settings: Settings,
+    *,
+    limit: int | None = None,
+    progress: Callable[[ReplayResult], None] | None = None,
+) -> ReplayResult:
+    """Re-queue every dead letter (up to ``limit``) whose payload passes validation now; keep the rest."""
+    keys = QueueKeys(settings.analytics_key_prefix)
+    result = ReplayResult()
+    total = int(await client.llen(keys.dead))
+    for _ in range(min(total, limit) if limit is not None else total):
+        raw = await client.lmove(keys.dead, keys.dead, "LEFT", "RIGHT")
+        if raw is None:
+            break  # purged meanwhile
+        result.examined += 1
+        encoded, reason = _revalidate(parse_entry(raw), settings)
+        if encoded is None:
+            result.kept += 1
+            result.reasons[reason] = result.reasons.get(reason, 0) + 1
+        else:
+            pushed = await push(client, keys, [encoded], settings.analytics_max_queue_size)
+            if pushed.dropped:
+                logger.warning(
+                    "re-queued a dead letter into a full queue: the cap dropped %s event(s)", pushed.dropped
+                )
+            # From the tail end: where step 1 put it (newer arrivals may sit behind it, never equal).
+            await client.lrem(keys.dead, -1, raw)  # type: ignore[arg-type]  # bytes are fine at runtime
+            result.requeued += 1
+        if progress is not None:
+            progress(result)
+    if result.kept:
+        logger.warning("replay kept %s dead letter(s) that still fail: %s", result.kept, result.reasons)
+    logger.info("replay examined %s dead letter(s), re-queued %s", result.examined, result.requeued)
+    return result
+
+
+async def purge_dead(client: aioredis.Redis, keys: QueueKeys, count: int) -> int:
+    """Delete the ``count`` oldest dead letters (those the operator confirmed), not newer arrivals."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.llen(keys.dead)
+        pipe.ltrim(keys.dead, count, -1)
+        before, _ = await pipe.execute()
+    removed = min(int(before), count)
+    logger.warning("purged %s dead letter(s) from %s", removed, keys.dead)
+    return removed

@@ -1,0 +1,54 @@
+"""`analytics-bridge flush`: the Celery task's drain(), run inline, behind a progress bar."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from analytics_sdk._queue import QueueKeys
+from analytics_sdk._settings import Settings
+
+from ._cli_status import redis_client
+from .drain import DrainSummary, drain
+
+__all__ = ["run_flush"]
+
+logger = logging.getLogger(__name__)
+
+
+async def _backlog(settings: Settings) -> int:
+    """Events waiting plus events in flight: what this drain may end up moving (the bar's length)."""
+    keys = QueueKeys(settings.analytics_key_prefix)
+    client = redis_client(settings)
+    try:
+        waiting = int(await client.llen(keys.queue))
+        leases = await client.zrange(keys.leases, 0, -1)
+        for batch_id in leases:
+            name = batch_id.decode() if isinstance(batch_id, bytes) else str(batch_id)
+            waiting += int(await client.llen(keys.inflight(name)))
+        return waiting
+    finally:
+        await client.aclose()
+
+
+async def run_flush(settings: Settings, *, time_budget: float | None, show_progress: bool) -> dict[str, Any]:
+    """Drain now; returns the summary as a dict (the same one the task returns and logs)."""
+    length = await _backlog(settings)
+    logger.info(
+        "flush: %s event(s) queued or in flight under prefix %r", length, settings.analytics_key_prefix
+    )
+    with click.progressbar(
+        length=max(length, 1), label="Draining", file=sys.stderr, show_pos=True, hidden=not show_progress
+    ) as bar:
+
+        def progress(summary: DrainSummary) -> None:
+            # claimed counts fresh claims and take-overs alike. Producers may add events while we
+            # drain: grow the bar rather than overflow it.
+            bar.length = max(bar.length or 0, summary.claimed)
+            bar.update(summary.claimed - bar.pos)
+
+        summary = await drain(settings, time_budget=time_budget, progress=progress)
+    return summary.as_dict()

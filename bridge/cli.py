@@ -1,0 +1,272 @@
+"""`analytics-bridge` (also `python -m bridge`): operator commands for the queue and the table.
+
+    analytics-bridge migrate                       create the database (if missing), table and indexes
+    analytics-bridge status [--json]               queue, in-flight batches, dead letters, last flush, rows
+    analytics-bridge flush [--json]                drain now, inline, with the code the Celery task runs
+    analytics-bridge dead-letters list|replay|purge
+    analytics-bridge demo                          the end-to-end demo (`nox -s demo`)
+
+Configuration comes from the same ``ANALYTICS_*`` variables as the SDK and the worker. Logs go to
+stderr, results to stdout, so ``--json`` output can be piped. Exit codes: 0 done, 1 the operation
+failed, 2 bad configuration or a service unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from analytics_sdk._exceptions import ConfigurationError
+from analytics_sdk._queue import QueueKeys
+from analytics_sdk._settings import Settings, redact_url
+
+from . import _cli_dead, _cli_status
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+START_REDIS = (
+    "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no "
+    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+class Unreachable(click.ClickException):
+    """A service did not answer: exit 2, with how to start it."""
+
+    exit_code = 2
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
+    """asyncio.run, with unreachable services turned into a message that says what to do."""
+    try:
+        return asyncio.run(coro)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise Unreachable(
+            f"Redis at {redact_url(settings.redis_dsn)} did not answer ({exc}).\n"
+            f"Start it: {START_REDIS}\n"
+            "or point ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_HOST/PORT/DB) elsewhere."
+        ) from exc
+    except (OSError, TimeoutError) as exc:
+        raise Unreachable(
+            f"PostgreSQL at {redact_url(settings.database_url)} did not answer ({exc}).\n"
+            f"Start it: {START_POSTGRES}\nor point ANALYTICS_DATABASE_URL elsewhere."
+        ) from exc
+
+
+def _echo_json(data: object) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Level of the log lines written to stderr.",
+)
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
+    """Operate the analytics bridge: the Redis queue, the drain and the events table.
+
+    Configured by the ANALYTICS_* environment variables (see the README).
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        ctx.obj = Settings.from_env()
+    except ConfigurationError as exc:
+        raise click.UsageError(f"bad configuration: {exc}") from exc
+
+
+@main.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Create the database if missing, then the table and indexes (idempotent)."""
+    from .schema import migrate as run_migrate
+
+    settings = _settings(ctx)
+    _run(run_migrate(settings.database_url), settings)
+    logger.info("migrated %s", redact_url(settings.database_url))
+    click.echo(f"migrated {redact_url(settings.database_url)}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Queue depth and age, in-flight batches, dead letters, drops, last flush, rows.
+
+    Exits 2 when Redis is unreachable (the figures that matter most are missing).
+    """
+    settings = _settings(ctx)
+    result = _run(_cli_status.collect_status(settings), settings)
+    if as_json:
+        _echo_json({**result, "warnings": _cli_status.warnings_for(result)})
+    else:
+        click.echo(_cli_status.render_status(result))
+    if "redis_error" in result:
+        ctx.exit(2)
+
+
+@main.command()
+@click.option(
+    "--time-budget", type=float, default=None, help="Seconds to keep claiming (default: the setting)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the drain summary as JSON.")
+@click.pass_context
+def flush(ctx: click.Context, time_budget: float | None, as_json: bool) -> None:
+    """Drain the queue into PostgreSQL now, inline, with the same drain() the Celery task runs."""
+    from ._cli_flush import run_flush
+
+    settings = _settings(ctx)
+    summary = _run(run_flush(settings, time_budget=time_budget, show_progress=not as_json), settings)
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(", ".join(f"{k} {v}" for k, v in summary.items()))
+    if summary.get("dead_lettered"):
+        click.echo(
+            f"{summary['dead_lettered']} event(s) were dead-lettered: `analytics-bridge dead-letters list`",
+            err=True,
+        )
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Events the drain could not insert: list, replay or purge them."""
+
+
+@dead_letters.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--width", type=click.IntRange(min=20), default=100, show_default=True, help="Payload shown.")
+@click.option("--json", "as_json", is_flag=True, help="Full entries as JSON.")
+@click.pass_context
+def dead_list(ctx: click.Context, limit: int, offset: int, width: int, as_json: bool) -> None:
+    """Show dead letters, oldest first: when, why, and the payload (shortened)."""
+    settings = _settings(ctx)
+    keys = QueueKeys(settings.analytics_key_prefix)
+
+    async def fetch() -> tuple[int, list[dict[str, Any]]]:
+        client = _cli_status.redis_client(settings)
+        try:
+            return await _cli_dead.list_dead(client, keys, offset, limit)
+        finally:
+            await client.aclose()
+
+    total, entries = _run(fetch(), settings)
+    if as_json:
+        _echo_json({"total": total, "offset": offset, "entries": entries})
+        return
+    click.echo(f"{total} dead letter(s) in {keys.dead}")
+    for index, entry in enumerate(entries, start=offset):
+        failed_at = entry.get("failed_at")
+        when = (
+            datetime.fromtimestamp(failed_at, UTC).isoformat(timespec="seconds")
+            if isinstance(failed_at, int | float)
+            else "?"
+        )
+        extra = {k: v for k, v in entry.items() if k not in ("payload", "error", "failed_at")}
+        click.echo(f"#{index} {when} {entry.get('error', '?')}" + (f" {extra}" if extra else ""))
+        click.echo(f"    {_cli_dead.shorten(str(entry.get('payload', '')), width)}")
+
+
+@dead_letters.command("replay")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Examine at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def dead_replay(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+    """Re-validate each dead letter; re-queue what passes now, keep what does not.
+
+    Crash-safe: an entry leaves the dead list only after its event is back in the queue (see
+    bridge/_cli_dead.py). Fix the cause first (e.g. raise ANALYTICS_MAX_METADATA_BYTES); events that
+    PostgreSQL itself refused are re-queued and, if still refused, dead-lettered again by the drain.
+    """
+    settings = _settings(ctx)
+
+    async def replay() -> _cli_dead.ReplayResult:
+        client = _cli_status.redis_client(settings)
+        try:
+            total = int(await client.llen(QueueKeys(settings.analytics_key_prefix).dead))
+            total = min(total, limit) if limit is not None else total
+            with click.progressbar(
+                length=total, label="Replaying", file=sys.stderr, hidden=as_json or total == 0
+            ) as bar:
+
+                def step(result: _cli_dead.ReplayResult) -> None:
+                    bar.update(result.examined - bar.pos)
+
+                return await _cli_dead.replay_dead(client, settings, limit=total, progress=step)
+        finally:
+            await client.aclose()
+
+    result = _run(replay(), settings)
+    if as_json:
+        _echo_json(result.as_dict())
+        return
+    click.echo(f"examined {result.examined}, re-queued {result.requeued}, kept {result.kept}")
+    for reason, count in sorted(result.reasons.items(), key=lambda item: -item[1]):
+        click.echo(f"  kept {count}: {reason}")
+
+
+@dead_letters.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def dead_purge(ctx: click.Context, yes: bool) -> None:
+    """Delete the dead letters present now (asks first unless --yes)."""
+    settings = _settings(ctx)
+    keys = QueueKeys(settings.analytics_key_prefix)
+
+    async def count() -> int:
+        client = _cli_status.redis_client(settings)
+        try:
+            return int(await client.llen(keys.dead))
+        finally:
+            await client.aclose()
+
+    async def purge(n: int) -> int:
+        client = _cli_status.redis_client(settings)
+        try:
+            return await _cli_dead.purge_dead(client, keys, n)
+        finally:
+            await client.aclose()
+
+    n = _run(count(), settings)
+    if n == 0:
+        click.echo("no dead letters")
+        return
+    if not yes:
+        click.confirm(f"Delete {n} dead letter(s) from {keys.dead}? They cannot be recovered", abort=True)
+    click.echo(f"purged {_run(purge(n), settings)} dead letter(s)")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Run the end-to-end demo (same as `nox -s demo`); `demo --help` for its options."""
+    from .demo import main as demo_main
+
+    demo_main.main(args=ctx.args, prog_name="analytics-bridge demo")
