@@ -192,6 +192,43 @@ def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
     return orjson.dumps(record)
 
 
+# One script, not a MULTI: under maxmemory + noeviction Redis refuses a MULTI holding RPUSH, HINCRBY
+# or HSET as a whole (EXECABORT), so the ack, the only thing that frees the in-flight copies,
+# would fail exactly when Redis is full and the drain would stall for good. A script is as atomic
+# and, with allow-oom, still runs. Release comes last: if a write before it fails, the batch stays
+# in flight and is retried (a repeated dead letter beats a lost one).
+_ACK = """#!lua flags=allow-oom
+local function chunked(list, first, last, command, key)
+  for i = first, last, 500 do
+    if key then
+      redis.call(command, key, unpack(list, i, math.min(i + 499, last)))
+    else
+      redis.call(command, unpack(list, i, math.min(i + 499, last)))
+    end
+  end
+end
+local n_ids = tonumber(ARGV[1])
+local at = 2 + n_ids
+local n_dead = tonumber(ARGV[at])
+at = at + 1
+chunked(ARGV, at, at + n_dead - 1, 'RPUSH', KEYS[1])
+at = at + n_dead
+local n_stats = tonumber(ARGV[at])
+at = at + 1
+for _ = 1, n_stats do
+  redis.call('HINCRBY', KEYS[2], ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
+if ARGV[at] == '1' then
+  redis.call('HSET', KEYS[2], 'last_flush_at', ARGV[at + 1], 'last_summary', ARGV[at + 2])
+end
+chunked(KEYS, 5, 4 + n_ids, 'DEL')
+chunked(ARGV, 2, 1 + n_ids, 'ZREM', KEYS[3])
+chunked(ARGV, 2, 1 + n_ids, 'HDEL', KEYS[4])
+return n_ids
+"""
+
+
 async def ack(
     client: aioredis.Redis,
     keys: QueueKeys,
@@ -201,27 +238,25 @@ async def ack(
     stats: dict[str, int] | None = None,
     summary: bytes | None = None,
 ) -> None:
-    """After COMMIT: dead-letter what failed, count, and release the batch, in one MULTI.
+    """After COMMIT: dead-letter what failed, count, and release the batch, atomically.
 
-    One transaction, so a crash never leaves a dead letter whose batch is still in flight (it would
-    be dead-lettered twice on reclaim) nor a released batch whose dead letters were not written.
-    ``batch_id`` may be several ids: a drain that committed several claims in one transaction
-    releases them together.
+    One atomic script (see ``_ACK`` for why not a MULTI), so a crash never leaves a dead letter whose
+    batch is still in flight (it would be dead-lettered twice on reclaim) nor a released batch whose
+    dead letters were not written; and it runs when Redis is at maxmemory. ``batch_id`` may be several
+    ids: a drain that committed several claims in one transaction releases them together.
     """
     batch_ids = [batch_id] if isinstance(batch_id, str) else list(batch_id)
-    async with client.pipeline(transaction=True) as pipe:
-        if dead_letters:
-            pipe.rpush(keys.dead, *dead_letters)
-        for name, value in (stats or {}).items():
-            if value:
-                pipe.hincrby(keys.stats, name, value)
-        if summary is not None:
-            pipe.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": summary})
-        if batch_ids:
-            pipe.delete(*(keys.inflight(b) for b in batch_ids))
-            pipe.zrem(keys.leases, *batch_ids)
-            pipe.hdel(keys.reclaims, *batch_ids)
-        await pipe.execute()
+    counters = [(name, value) for name, value in (stats or {}).items() if value]
+    args: list[bytes | str | int] = [len(batch_ids), *batch_ids, len(dead_letters), *dead_letters]
+    args.append(len(counters))
+    for name, value in counters:
+        args += [name, value]
+    if summary is None:
+        args.append("0")
+    else:
+        args += ["1", repr(time.time()), summary]
+    script_keys = [keys.dead, keys.stats, keys.leases, keys.reclaims, *map(keys.inflight, batch_ids)]
+    await client.eval(_ACK, len(script_keys), *script_keys, *args)
 
 
 async def split_lease(

@@ -1,0 +1,367 @@
+"""The Redis protocol (analytics_sdk._queue) against the real Redis, and a throwaway one for exact counts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError, ResponseError
+from servers import RedisServer, start_redis
+
+from analytics_sdk._queue import (
+    ACK_STATS,
+    QueueKeys,
+    ack,
+    claim,
+    dead_letter_entry,
+    expired_leases,
+    push,
+    take_over,
+)
+
+
+@pytest.fixture
+def keys(key_prefix: str) -> QueueKeys:
+    return QueueKeys(key_prefix)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of our own: CONFIG RESETSTAT and exact command counts are safe there."""
+    with start_redis(tmp_path) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def own_redis(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(server.url)
+    yield client
+    await client.aclose()
+
+
+async def command_counts(client: aioredis.Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+def payloads(start: int, stop: int) -> list[bytes]:
+    return [f"e{i}".encode() for i in range(start, stop)]
+
+
+# -- key names ---------------------------------------------------------------------------------------
+
+
+def test_key_names() -> None:
+    keys = QueueKeys("{app}")
+    assert keys.queue == "{app}:events:batch"
+    assert keys.inflight("b1") == "{app}:events:inflight:b1"
+    assert keys.leases == "{app}:events:inflight"
+    assert keys.reclaims == "{app}:events:reclaims"
+    assert keys.dead == "{app}:events:dead"
+    assert keys.dropped == "{app}:events:dropped"
+    assert keys.stats == "{app}:stats"
+    assert keys.flush_cooldown == "{app}:flush:cooldown"
+    assert QueueKeys().queue == "analytics:events:batch"
+
+
+# -- push --------------------------------------------------------------------------------------------
+
+
+async def test_push_is_one_multi_with_rpush_and_ltrim(own_redis: aioredis.Redis) -> None:
+    keys = QueueKeys("p")
+    await own_redis.config_resetstat()
+    result = await push(own_redis, keys, payloads(0, 5), cap=100)
+    counts = await command_counts(own_redis)
+    assert result.length == 5
+    assert result.dropped == 0
+    assert counts.get("multi") == 1
+    assert counts.get("exec") == 1
+    assert counts.get("rpush") == 1
+    assert counts.get("ltrim") == 1
+    assert "incrby" not in counts, "nothing dropped, nothing counted: one round trip"
+    assert await own_redis.lrange(keys.queue, 0, -1) == payloads(0, 5)
+
+
+async def test_cap_drops_exactly_the_oldest_and_counts_them(
+    redis_client: aioredis.Redis, keys: QueueKeys
+) -> None:
+    cap = 100
+    sizes = [30, 1, 69, 50, 7, 93]  # 250 events in uneven batches
+    assert sum(sizes) == 250
+    start = 0
+    reported = 0
+    for size in sizes:
+        result = await push(redis_client, keys, payloads(start, start + size), cap=cap)
+        assert result.length == min(start, cap) + size
+        assert result.dropped == max(0, result.length - cap)
+        reported += result.dropped
+        start += size
+    survivors = await redis_client.lrange(keys.queue, 0, -1)
+    assert survivors == payloads(150, 250), "the newest 100, oldest first"
+    assert int(await redis_client.get(keys.dropped)) == 150
+    assert reported == 150
+
+
+async def test_cap_lowered_counts_everything_trimmed(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    await push(redis_client, keys, payloads(0, 100), cap=1000)
+    result = await push(redis_client, keys, payloads(100, 101), cap=10)
+    assert result.dropped == 91
+    assert await redis_client.lrange(keys.queue, 0, -1) == payloads(91, 101)
+    assert int(await redis_client.get(keys.dropped)) == 91
+
+
+async def test_concurrent_pushes_count_drops_exactly(redis_available: str, keys: QueueKeys) -> None:
+    clients = [aioredis.Redis.from_url(redis_available) for _ in range(8)]
+    try:
+
+        async def producer(index: int, client: aioredis.Redis) -> int:
+            dropped = 0
+            for batch in range(25):
+                first = (index * 25 + batch) * 10
+                dropped += (await push(client, keys, payloads(first, first + 10), cap=300)).dropped
+            return dropped
+
+        results = await asyncio.gather(*(producer(i, c) for i, c in enumerate(clients)))
+        total = 8 * 25 * 10
+        assert sum(results) == total - 300
+        assert int(await clients[0].get(keys.dropped)) == total - 300
+        assert await clients[0].llen(keys.queue) == 300
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_push_is_all_or_nothing(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    """A MULTI whose RPUSH fails (WRONGTYPE) leaves no trace: nothing trimmed, nothing counted."""
+    await redis_client.set(keys.queue, b"not a list")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await push(redis_client, keys, payloads(0, 3), cap=1)
+    assert await redis_client.get(keys.queue) == b"not a list"
+    assert await redis_client.get(keys.dropped) is None
+
+
+# -- claim -------------------------------------------------------------------------------------------
+
+
+async def test_claim_moves_items_to_inflight_and_leases(
+    redis_client: aioredis.Redis, keys: QueueKeys
+) -> None:
+    await push(redis_client, keys, payloads(0, 10), cap=100)
+    before = time.time_ns() // 1_000_000
+    got = await claim(redis_client, keys, 4, "batch-a")
+    after = time.time_ns() // 1_000_000
+    assert got.batch_id == "batch-a"
+    assert got.items == payloads(0, 4), "the oldest first"
+    assert got.reclaims == 0
+    assert await redis_client.lrange(keys.inflight("batch-a"), 0, -1) == payloads(0, 4)
+    assert await redis_client.lrange(keys.queue, 0, -1) == payloads(4, 10)
+    score = await redis_client.zscore(keys.leases, "batch-a")
+    assert before <= score <= after
+    rest = await claim(redis_client, keys, 100, "batch-b")
+    assert rest.items == payloads(4, 10)
+    assert not await redis_client.exists(keys.queue)
+
+
+async def test_claim_of_empty_queue_takes_no_lease(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    got = await claim(redis_client, keys, 10, "empty")
+    assert got.items == []
+    assert await redis_client.zcard(keys.leases) == 0
+    assert not await redis_client.exists(keys.inflight("empty"))
+
+
+async def test_claim_beyond_lua_unpack_limit(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    await push(redis_client, keys, payloads(0, 10_000), cap=100_000)
+    got = await claim(redis_client, keys, 10_000, "big")
+    assert len(got.items) == 10_000
+    assert await redis_client.llen(keys.inflight("big")) == 10_000
+
+
+async def test_concurrent_claims_never_share_an_item(redis_available: str, keys: QueueKeys) -> None:
+    clients = [aioredis.Redis.from_url(redis_available) for _ in range(4)]
+    try:
+        await push(clients[0], keys, payloads(0, 2000), cap=10_000)
+
+        async def drain(client: aioredis.Redis, name: str) -> list[bytes]:
+            taken: list[bytes] = []
+            for n in range(1000):
+                got = await claim(client, keys, 37, f"{name}-{n}")
+                if not got.items:
+                    return taken
+                taken += got.items
+            return taken
+
+        results = await asyncio.gather(*(drain(c, f"d{i}") for i, c in enumerate(clients)))
+        everything = [item for items in results for item in items]
+        assert sorted(everything) == sorted(payloads(0, 2000))
+        assert len(set(everything)) == 2000
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_claim_runs_under_oom(tmp_path: Path) -> None:
+    """maxmemory + noeviction refuses the push, but the claim (allow-oom) still frees the queue."""
+    with start_redis(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as srv:
+        client = aioredis.Redis.from_url(srv.url)
+        try:
+            keys = QueueKeys("oom")
+            blob = b"x" * 10_000
+            with pytest.raises(OutOfMemoryError, match="maxmemory"):
+                for _ in range(2000):
+                    await push(client, keys, [blob] * 10, cap=1_000_000)
+            queued = await client.llen(keys.queue)
+            assert queued > 0
+            got = await claim(client, keys, 100, "under-oom")
+            assert len(got.items) == 100
+            # The ack must run too, dead letters, counters and summary included: it is what frees
+            # memory. (A MULTI with RPUSH/HINCRBY/HSET is refused whole under OOM.)
+            await ack(
+                client,
+                keys,
+                "under-oom",
+                dead_letters=[dead_letter_entry(got.items[0], "bad")],
+                stats={"claimed": 100, "inserted": 99, "dead": 1},
+                summary=b"{}",
+            )
+            assert not await client.exists(keys.inflight("under-oom"))
+            assert await client.zcard(keys.leases) == 0
+            assert await client.llen(keys.dead) == 1
+            assert await client.hget(keys.stats, "inserted") == b"99"
+            assert await client.llen(keys.queue) == queued - 100
+        finally:
+            await client.aclose()
+
+
+# -- leases and take-over ------------------------------------------------------------------------------
+
+
+async def test_expired_leases(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    await push(redis_client, keys, payloads(0, 3), cap=100)
+    await claim(redis_client, keys, 3, "lease-1")
+    assert await expired_leases(redis_client, keys, visibility_timeout=60) == [], "a fresh lease"
+    await redis_client.zadd(keys.leases, {"lease-1": 1_000})
+    assert await expired_leases(redis_client, keys, visibility_timeout=60) == [("lease-1", "1000")]
+
+
+async def test_take_over_needs_the_score_seen(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    await push(redis_client, keys, payloads(0, 3), cap=100)
+    await claim(redis_client, keys, 3, "fresh")
+    assert await take_over(redis_client, keys, "fresh", "1000") is None, "not the lease's score"
+    assert await take_over(redis_client, keys, "missing", "1000") is None
+    assert await redis_client.hlen(keys.reclaims) == 0
+
+
+async def test_take_over_of_expired_lease_succeeds_once_when_two_race(
+    redis_available: str, redis_client: aioredis.Redis, keys: QueueKeys
+) -> None:
+    await push(redis_client, keys, payloads(0, 5), cap=100)
+    await claim(redis_client, keys, 5, "stale")
+    await redis_client.zadd(keys.leases, {"stale": 5_000})
+    ((batch_id, seen),) = await expired_leases(redis_client, keys, visibility_timeout=1)
+    assert batch_id == "stale"
+    racers = [aioredis.Redis.from_url(redis_available) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(take_over(r, keys, batch_id, seen) for r in racers))
+    finally:
+        for racer in racers:
+            await racer.aclose()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert winners[0].items == payloads(0, 5)
+    assert winners[0].reclaims == 1
+    new_score = await redis_client.zscore(keys.leases, "stale")
+    assert new_score > 5_000, "the winner renewed the lease"
+    assert await expired_leases(redis_client, keys, visibility_timeout=60) == []
+    # A second expiry is taken over again, and counted again.
+    await redis_client.zadd(keys.leases, {"stale": 6_000})
+    again = await take_over(redis_client, keys, "stale", "6000")
+    assert again is not None
+    assert again.reclaims == 2
+    assert await take_over(redis_client, keys, "stale", "6000") is None
+
+
+# -- ack -----------------------------------------------------------------------------------------------
+
+
+async def test_ack_releases_and_records_in_one_atomic_call(own_redis: aioredis.Redis) -> None:
+    """One script (atomic like MULTI, and unlike MULTI allowed under OOM): one command, one round trip."""
+    keys = QueueKeys("ack")
+    await push(own_redis, keys, payloads(0, 6), cap=100)
+    await claim(own_redis, keys, 6, "b1")
+    await own_redis.zadd(keys.leases, {"b1": 1})
+    assert await take_over(own_redis, keys, "b1", "1") is not None
+    dead = [dead_letter_entry(b"e1", "ValidationError: bad", field="event_type")]
+    summary = orjson.dumps({"claimed": 6})
+    await own_redis.config_resetstat()
+    await ack(
+        own_redis,
+        keys,
+        "b1",
+        dead_letters=dead,
+        stats={"claimed": 6, "inserted": 4, "duplicates": 1, "dead": 1},
+        summary=summary,
+    )
+    counts = await command_counts(own_redis)
+    assert counts["eval"] == 1, "one call; the commands inside the script are counted too"
+    assert "multi" not in counts
+    assert counts["del"] == counts["zrem"] == counts["hdel"] == 1
+    assert not await own_redis.exists(keys.inflight("b1"))
+    assert await own_redis.zscore(keys.leases, "b1") is None
+    assert not await own_redis.hexists(keys.reclaims, "b1")
+    assert await own_redis.lrange(keys.dead, 0, -1) == dead
+    stats = await own_redis.hgetall(keys.stats)
+    assert {k: stats[k.encode()] for k in ACK_STATS} == {
+        "claimed": b"6",
+        "inserted": b"4",
+        "duplicates": b"1",
+        "dead": b"1",
+    }
+    assert stats[b"last_summary"] == summary
+    assert abs(float(stats[b"last_flush_at"]) - time.time()) < 60
+    # Counters add up across acks; zero counts are not written.
+    await push(own_redis, keys, payloads(6, 8), cap=100)
+    await claim(own_redis, keys, 2, "b2")
+    await ack(own_redis, keys, "b2", stats={"claimed": 2, "inserted": 2, "duplicates": 0, "dead": 0})
+    stats = await own_redis.hgetall(keys.stats)
+    assert (stats[b"claimed"], stats[b"inserted"], stats[b"dead"]) == (b"8", b"6", b"1")
+    assert await own_redis.zcard(keys.leases) == 0
+
+
+async def test_ack_of_several_batches(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    await push(redis_client, keys, payloads(0, 2000), cap=10_000)
+    ids = [f"b{i}" for i in range(600)]  # more than one Lua unpack() chunk
+    for batch_id in ids:
+        await claim(redis_client, keys, 3, batch_id)
+    for batch_id in ids[:5]:
+        await redis_client.hset(keys.reclaims, batch_id, 1)
+    dead = [dead_letter_entry(f"p{i}".encode(), "bad") for i in range(1200)]
+    await ack(redis_client, keys, ids, dead_letters=dead, stats={"claimed": 1800, "dead": 1200})
+    assert await redis_client.zcard(keys.leases) == 0
+    assert await redis_client.hlen(keys.reclaims) == 0
+    assert not any([await redis_client.exists(keys.inflight(b)) for b in ids])
+    assert await redis_client.lrange(keys.dead, 0, -1) == dead
+    assert await redis_client.hget(keys.stats, "claimed") == b"1800"
+    assert await redis_client.llen(keys.queue) == 200
+    await ack(redis_client, keys, [], stats={})  # nothing to release: a no-op, not an error
+
+
+def test_dead_letter_entry() -> None:
+    entry = orjson.loads(dead_letter_entry(b'{"v": 1, "x": "\xc3\xa9"}', "bad", sqlstate="22P02"))
+    assert entry["payload"] == '{"v": 1, "x": "é"}'
+    assert entry["error"] == "bad"
+    assert entry["sqlstate"] == "22P02"
+    assert abs(entry["failed_at"] - time.time()) < 60
+    raw = orjson.loads(dead_letter_entry(b"\x80\x04pickle", "not JSON"))
+    assert raw["payload"] == "\\x80\x04pickle", "undecodable bytes kept visibly, never lost"
+    assert orjson.loads(dead_letter_entry("text", "e"))["payload"] == "text"
+
+
+def test_batch_ids_are_free_form() -> None:
+    batch = uuid.uuid4().hex
+    assert QueueKeys("p").inflight(batch).endswith(batch)
