@@ -30,7 +30,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_const", const="quick", dest="mode", help="CI-sized (< 2 min)")
     size.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help="smoke test only")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="where to write results")
+    parser.add_argument(
+        "--json", type=Path, default=Path("bench-results.json"), help="where to write results"
+    )
     parser.add_argument(
         "--redis-url", default=os.environ.get("ANALYTICS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
     )

@@ -59,7 +59,9 @@ FIELDS: dict[str, Any] = {
     "entity_id": "98765",
     "event_metadata": METADATA,
     "ip_address": "203.0.113.9",
-    "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+    "user_agent": (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+    ),
     "referrer": "https://news.example.com/front-page?utm_source=newsletter&utm_medium=email",
 }
 EVENT_TYPE = "page_view"
@@ -183,7 +185,12 @@ class Summary:
         )
 
     def as_dict(self) -> dict[str, float]:
-        return {"rate": round(self.rate, 1), "p50_ms": _ms(self.p50), "p99_ms": _ms(self.p99), "runs": self.runs}
+        return {
+            "rate": round(self.rate, 1),
+            "p50_ms": _ms(self.p50),
+            "p99_ms": _ms(self.p99),
+            "runs": self.runs,
+        }
 
 
 def _ms(seconds: float) -> float:

@@ -41,7 +41,7 @@ class OldDesignClient:
         }
         with self._lock:
             raw = self._redis.get(self._key)
-            events: list[dict[str, Any]] = pickle.loads(raw) if raw else []  # noqa: S301 - see module doc
+            events: list[dict[str, Any]] = pickle.loads(raw) if raw else []
             events.append(event)
             self._redis.set(self._key, pickle.dumps(events))
             if len(events) >= self._batch_size:

@@ -7,6 +7,9 @@ Contenders, run interleaved inside each repeat so that machine noise hits them a
   up to 256 connections: redis.asyncio's default pool refuses more than 100);
 - old design: :mod:`benchmarks.old_design` (pickled list under a threading.Lock, batch size 100);
 - Segment and PostHog: :mod:`benchmarks.vendors` (in-memory per-call cost, one thread).
+
+Two diagnostic rows split our cost: the group commit carrying pre-encoded events at 256 callers
+(transport only, no validation) and validate+encode alone in a loop (CPU only, no I/O).
 """
 
 from __future__ import annotations
@@ -80,7 +83,15 @@ async def _round_trip(client: aioredis.Redis, keys: QueueKeys, samples: int, cap
     return Run(samples, clock() - start, latencies)
 
 
-async def _measure(ctx: Context) -> dict[str, Any]:  # noqa: C901 - one loop over contenders
+def _cpu_only(calls: int, limit: int) -> Run:
+    clock = time.perf_counter
+    start = clock()
+    for _ in range(calls):
+        validate({"event_type": EVENT_TYPE, **FIELDS}, max_metadata_bytes=limit).encode()
+    return Run(calls, clock() - start)
+
+
+async def _measure(ctx: Context) -> dict[str, Any]:
     mode = ctx.mode
     settings = ctx.settings("track")
     keys = QueueKeys(settings.analytics_key_prefix)
@@ -105,6 +116,11 @@ async def _measure(ctx: Context) -> dict[str, Any]:  # noqa: C901 - one loop ove
     def ours_call() -> Any:
         return ours.track(EVENT_TYPE, **FIELDS)
 
+    payload = _payload()
+
+    def transport_call() -> Any:
+        return ours._enqueue([payload])  # diagnostic: the group commit without validation
+
     def old_call() -> Any:
         return old.track(EVENT_TYPE, **FIELDS)
 
@@ -126,10 +142,16 @@ async def _measure(ctx: Context) -> dict[str, Any]:  # noqa: C901 - one loop ove
             keep("ceiling", await _ceiling(raw, keys, max(1, mode.ceiling_batches // scale), cap), timed)
             keep("rtt", await _round_trip(raw, keys, mode.rtt_samples, cap), timed)
             for callers in CONCURRENCY:
-                keep(f"ours/{callers}", await run_callers(ours_call, mode.track_events // scale, callers), timed)
+                keep(
+                    f"ours/{callers}",
+                    await run_callers(ours_call, mode.track_events // scale, callers),
+                    timed,
+                )
                 slow = max(callers, mode.slow_events // scale)
                 keep(f"naive/{callers}", await run_callers(naive, slow, callers), timed)
                 keep(f"old/{callers}", await run_callers(old_call, slow, callers), timed)
+            keep("transport/256", await run_callers(transport_call, mode.track_events // scale, 256), timed)
+            keep("cpu", _cpu_only(mode.vendor_calls // scale, limit), timed)
             keep("segment", segment.run(mode.vendor_calls // scale), timed)
             keep("posthog", posthog.run(mode.vendor_calls // scale), timed)
             if timed:
@@ -154,23 +176,62 @@ def run(ctx: Context) -> Section:
     ceiling, rtt = s["ceiling"], s["rtt"]
     for callers in CONCURRENCY:
         mine = s[f"ours/{callers}"]
-        for label, key in (("ours: track()", "ours"), ("naive: MULTI per event", "naive"), ("old design", "old")):
+        for label, key in (
+            ("ours: track()", "ours"),
+            ("naive: MULTI per event", "naive"),
+            ("old design", "old"),
+        ):
             it = s[f"{key}/{callers}"]
             ratio = "" if key == "ours" else fmt_ratio(mine.rate / it.rate)
-            section.rows.append([str(callers), label, fmt_rate(it.rate), fmt_ms(it.p50), fmt_ms(it.p99), ratio])
+            section.rows.append(
+                [str(callers), label, fmt_rate(it.rate), fmt_ms(it.p50), fmt_ms(it.p99), ratio]
+            )
     ours256 = s["ours/256"]
     section.rows.append(
-        ["-", "ceiling: MULTI RPUSH x1,000", fmt_rate(ceiling.rate), fmt_ms(ceiling.p50), fmt_ms(ceiling.p99),
-         fmt_ratio(ours256.rate / ceiling.rate) + " (256)"]
+        [
+            "-",
+            "ceiling: MULTI RPUSH x1,000",
+            fmt_rate(ceiling.rate),
+            fmt_ms(ceiling.p50),
+            fmt_ms(ceiling.p99),
+            fmt_ratio(ours256.rate / ceiling.rate) + " (256)",
+        ]
     )
     section.rows.append(
         ["1", "raw pipeline round trip", fmt_rate(rtt.rate), fmt_ms(rtt.p50), fmt_ms(rtt.p99), ""]
     )
+    transport, cpu = s["transport/256"], s["cpu"]
+    section.rows.append(
+        [
+            "256",
+            "diag: ours, pre-encoded (no validation)",
+            fmt_rate(transport.rate),
+            fmt_ms(transport.p50),
+            fmt_ms(transport.p99),
+            fmt_ratio(ours256.rate / transport.rate),
+        ]
+    )
+    section.rows.append(
+        [
+            "1 thread",
+            "diag: validate+encode only (no I/O)",
+            fmt_rate(cpu.rate),
+            f"{1e6 / cpu.rate:.1f} us/event",
+            "",
+            fmt_ratio(ours256.rate / cpu.rate),
+        ]
+    )
     for name, key in (("Segment track() (per call)", "segment"), ("PostHog capture() (per call)", "posthog")):
         v = s[key]
         section.rows.append(
-            ["1 thread", name, fmt_rate(v.rate), f"{1e6 / v.rate:.1f} us/call", "", fmt_ratio(ours256.rate / v.rate)
-             + " (256)"]
+            [
+                "1 thread",
+                name,
+                fmt_rate(v.rate),
+                f"{1e6 / v.rate:.1f} us/call",
+                "",
+                fmt_ratio(ours256.rate / v.rate) + " (256)",
+            ]
         )
     section.data = {name: summary.as_dict() for name, summary in s.items()}
     section.checks = [
