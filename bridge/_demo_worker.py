@@ -106,13 +106,15 @@ class Worker:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> None:
+    def start(self, *, beat: bool = True) -> None:
+        """Start it; ``beat`` embeds Celery beat (-B), with its schedule file in ``workdir``."""
         command = [
-            sys.executable, "-m", "celery", "-A", "bridge", "worker", "-B", "-Q", "analytics",
+            sys.executable, "-m", "celery", "-A", "bridge", "worker", "-Q", "analytics",
             "--concurrency", str(self.concurrency), "--loglevel", "INFO",
-            "--schedule-filename", str(self.schedule_path),
-            "--hostname", f"demo-{os.getpid()}@%h",
+            "--hostname", f"demo-{os.getpid()}-{id(self):x}@%h",
         ]  # fmt: skip
+        if beat:
+            command += ["-B", "--schedule-filename", str(self.schedule_path)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

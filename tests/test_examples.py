@@ -1,0 +1,171 @@
+"""Smoke tests of examples/: each one runs against the real Redis (and PostgreSQL and a real worker for
+verify_setup), isolated by this test's key prefix passed as ANALYTICS_KEY_PREFIX."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import pytest
+import redis
+
+from analytics_sdk import Settings, decode
+from analytics_sdk._queue import QueueKeys
+from bridge._demo_worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+#: The broker database of the verify_setup worker: neither the default (0) that other tests' workers
+#: listen on, nor the demo's (15), so no other worker takes its flush task.
+TEST_BROKER_DB = 13
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANALYTICS_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        ANALYTICS_REDIS_URL=settings.redis_dsn,
+        ANALYTICS_KEY_PREFIX=settings.analytics_key_prefix,
+        ANALYTICS_BACKLOG_TRIGGER="0",
+        ANALYTICS_DATABASE_URL=settings.database_url,
+        **extra,
+    )
+    return env
+
+
+def _run(script: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _queued(sync_redis: redis.Redis, settings: Settings) -> list[dict[str, object]]:
+    raws = sync_redis.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)
+    return [decode(raw).as_dict() for raw in raws]
+
+
+def test_quickstart(settings: Settings, sync_redis: redis.Redis) -> None:
+    proc = _run("quickstart.py", _env(settings))
+    assert "queue size: 6" in proc.stdout
+    assert "rejected: ip_address=" in proc.stdout
+    events = _queued(sync_redis, settings)
+    assert [e["event_type"] for e in events].count("click") == 3
+    assert len(events) == 6
+
+
+def test_sync_app(settings: Settings, sync_redis: redis.Redis) -> None:
+    proc = _run("sync_app.py", _env(settings))
+    assert "tracked 201 events from 8 threads" in proc.stdout
+    events = _queued(sync_redis, settings)
+    assert len(events) == 201
+    assert len({e["event_id"] for e in events}) == 201
+    legacy = [e for e in events if e["event_type"] == "page_view"]
+    assert {e["user_id"] for e in legacy} == {str(1000 + n) for n in range(8)}  # int ids kept as text
+    assert all(e["event_metadata"] == {"source": "sync_app"} for e in legacy)
+
+
+# -- FastAPI ------------------------------------------------------------------------------------
+
+
+def _fastapi_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fastapi_app_example", EXAMPLES / "fastapi_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NETS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [
+        ("203.0.113.9", [], "203.0.113.9"),  # no proxy
+        ("192.0.2.50", ["1.2.3.4"], "192.0.2.50"),  # untrusted peer: its header is ignored
+        ("10.0.0.5", ["198.51.100.1, 203.0.113.9"], "203.0.113.9"),  # right-most hop not ours
+        ("10.0.0.5", ["6.6.6.6, 203.0.113.9, 10.1.1.1"], "203.0.113.9"),  # skip our inner proxy
+        ("10.0.0.5", ["6.6.6.6", "203.0.113.9"], "203.0.113.9"),  # two headers = one list
+        ("10.0.0.5", ["10.0.0.7"], "10.0.0.7"),  # all ours: an internal request
+        ("10.0.0.5", ["203.0.113.9, not-an-ip, 10.2.2.2"], None),  # garbage where a proxy wrote
+        ("10.0.0.5", ["2001:db8::1"], "2001:db8::1"),
+        ("testclient", [], None),
+        (None, [], None),
+    ],
+)
+def test_client_ip_reads_forwarded_for_right_to_left(
+    peer: str | None, headers: list[str], expected: str | None
+) -> None:
+    assert _fastapi_module().client_ip(peer, headers, NETS) == expected
+
+
+async def test_fastapi_app_tracks_page_views(
+    settings: Settings, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in _env(settings).items():
+        if key.startswith("ANALYTICS_"):
+            monkeypatch.setenv(key, value)
+    module = _fastapi_module()
+    app = module.create_app(NETS)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.5", 4242))
+        cookies = {"user_id": "42", "session_id": "s-9"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://shop.example", cookies=cookies
+        ) as http:
+            response = await http.get(
+                "/articles/7",
+                headers={
+                    "X-Forwarded-For": "6.6.6.6, 203.0.113.9",
+                    "User-Agent": "pytest-browser/1.0",
+                    "Referer": "https://news.example/",
+                },
+            )
+            assert response.status_code == 200
+            assert (await http.get("/")).status_code == 200
+            size = (await http.get("/queue-size")).json()["queue_size"]
+        assert size == 2  # the third page_view is tracked after that response was made
+    assert app.state.analytics.closed  # closed by the lifespan
+    events = _queued(sync_redis, settings)
+    assert len(events) == 3
+    article = events[0]
+    assert article["event_type"] == "page_view"
+    assert article["ip_address"] == "203.0.113.9"  # not 6.6.6.6 (forgeable), not the proxy
+    assert article["user_agent"] == "pytest-browser/1.0"
+    assert article["referrer"] == "https://news.example/"
+    assert (article["user_id"], article["session_id"]) == ("42", "s-9")
+    assert (article["entity_type"], article["entity_id"]) == ("article", "7")
+    assert article["event_metadata"] == {"path": "/articles/7", "method": "GET", "status": 200}
+    assert events[1]["entity_type"] is None and events[1]["referrer"] is None
+
+
+# -- verify_setup: the end-to-end check a user runs, against a real worker -------------------------
+
+
+@pytest.mark.e2e
+def test_verify_setup_sees_rows_with_a_real_worker(db_settings: Settings, tmp_path: Path) -> None:
+    broker = db_settings.redis_dsn.rsplit("/", 1)[0] + f"/{TEST_BROKER_DB}"
+    # No beat and no backlog trigger: the rows can only come from the script's flush_events_now().
+    env = _env(db_settings, ANALYTICS_BROKER_URL=broker, VERIFY_TIMEOUT="45")
+    worker = Worker(env, tmp_path, concurrency=1)
+    worker.start(beat=False)
+    try:
+        worker.wait_ready(60)
+        proc = _run("verify_setup.py", env, timeout=90)
+    finally:
+        assert worker.stop() is not None
+    assert "OK: all 5 events are rows in analytics_events" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count(" row ") == 5
