@@ -19,7 +19,14 @@ from redis.exceptions import RedisError
 from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings, redact_url
 
-__all__ = ["collect_status", "redis_client", "render_status", "warnings_for"]
+__all__ = ["START_POSTGRES", "START_REDIS", "collect_status", "redis_client", "render_status", "warnings_for"]
+
+#: How to start the services on a machine like the CI's (Debian packages), shown when one is down.
+START_REDIS = (
+    "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no "
+    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 _SHOWN_BATCHES = 20  # in-flight batches listed one by one (the oldest first); all are counted
 _COUNT_TIMEOUT = 5.0  # seconds for count(*) before falling back to the planner's estimate
@@ -163,9 +170,12 @@ def warnings_for(status: dict[str, Any]) -> list[str]:
     out = []
     interval = float(status["flush_interval"])
     if "redis_error" in status:
-        out.append(f"Redis unreachable: {status['redis_error']}")
+        out.append(f"Redis unreachable: {status['redis_error']}; start it: {START_REDIS}")
     if "error" in status["database"]:
-        out.append(f"PostgreSQL unreachable or not migrated: {status['database']['error']}")
+        out.append(
+            f"PostgreSQL unreachable or not migrated: {status['database']['error']};"
+            f" start it: {START_POSTGRES}, then `analytics-bridge migrate`"
+        )
     if "queue" not in status:
         return out
     age = status["queue"]["oldest_age_seconds"]

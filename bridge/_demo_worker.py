@@ -23,7 +23,7 @@ import redis
 
 from analytics_sdk._settings import Settings, redact_url
 
-from .cli import START_POSTGRES, START_REDIS
+from ._cli_status import START_POSTGRES, START_REDIS
 from .schema import asyncpg_dsn
 
 __all__ = ["DemoError", "Worker", "broker_for_demo", "check_postgres", "check_redis"]

@@ -37,11 +37,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-START_REDIS = (
-    "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no "
-    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
-)
-START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+START_REDIS = _cli_status.START_REDIS
+START_POSTGRES = _cli_status.START_POSTGRES
 
 
 class Unreachable(click.ClickException):
