@@ -1,0 +1,79 @@
+"""The benchmark's own PostgreSQL database: created (and migrated) for one run, dropped after it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from analytics_sdk._event import Event
+
+from ._common import Context
+
+COLUMNS = (
+    "event_id",
+    "event_type",
+    "user_id",
+    "session_id",
+    "entity_type",
+    "entity_id",
+    "event_metadata",
+    "ip_address",
+    "user_agent",
+    "referrer",
+    "created_at",
+)
+
+
+def _url(ctx: Context, name: str) -> str:
+    return f"{ctx.pg_admin_url.rsplit('/', 1)[0]}/{name}"
+
+
+async def _admin(ctx: Context, sql: str) -> None:
+    conn = await asyncpg.connect(ctx.pg_admin_url, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def bench_database(ctx: Context, suffix: str) -> AsyncIterator[str]:
+    """A fresh database with the bridge's schema (``bridge.schema.migrate``); dropped on exit."""
+    from bridge.schema import migrate
+
+    name = f"analytics_bench_{ctx.run_id.replace('-', '_')}_{suffix}"
+    await _admin(ctx, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await _admin(ctx, f'CREATE DATABASE "{name}"')
+    try:
+        url = _url(ctx, name)
+        await migrate(url)
+        yield url
+    finally:
+        await _admin(ctx, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def record(event: Event) -> tuple[Any, ...]:
+    """One row for COPY/executemany straight into analytics_events (asyncpg takes str for uuid, jsonb
+    and inet). Built before the clock starts: the raw contenders measure PostgreSQL alone."""
+    import orjson
+
+    return (
+        event.event_id,
+        event.event_type,
+        event.user_id,
+        event.session_id,
+        event.entity_type,
+        event.entity_id,
+        orjson.dumps(event.event_metadata).decode(),
+        event.ip_address,
+        event.user_agent,
+        event.referrer,
+        event.created_at,
+    )
+
+
+async def row_count(conn: asyncpg.Connection[Any]) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM analytics_events"))

@@ -1,0 +1,174 @@
+"""Section 3: one process draining queued events into PostgreSQL, against raw asyncpg writes.
+
+Each run starts from an empty table. Contenders, interleaved within each repeat:
+- drain B/T: ``bridge.drain.drain()`` on a queue of N events (claims of B = analytics_batch_size,
+  transactions of T = analytics_insert_batch_size rows); the clock covers the whole call: connect,
+  claim (Lua), decode and re-validate every event, COPY -> staging -> INSERT ... ON CONFLICT, ack;
+- raw COPY B: ``copy_records_to_table`` of the same rows, pre-built in memory, B rows per transaction,
+  straight into analytics_events (no Redis, no decoding, no conflict handling);
+- executemany B: ``INSERT ... VALUES ($1..$11)`` of the same rows, B rows per transaction.
+The like-for-like check compares drain B/B with raw COPY B; drain B/5,000 is the shipped default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from analytics_sdk._event import Event, validate
+from analytics_sdk._queue import QueueKeys, push
+
+from ._common import EVENT_TYPE, FIELDS, Check, Context, Run, Section, Summary, fmt_rate, fmt_ratio
+from .database import COLUMNS, bench_database, record, row_count
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZES = (100, 1_000)
+DEFAULT_TRANSACTION = 5_000  # analytics_insert_batch_size's default
+_INSERT = (
+    f"INSERT INTO analytics_events ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
+)
+
+
+def _events(count: int) -> list[Event]:
+    return [
+        validate({"event_type": EVENT_TYPE, **FIELDS, "user_id": f"user-{i % 5000}", "entity_id": str(i)})
+        for i in range(count)
+    ]
+
+
+async def _fill(client: aioredis.Redis, keys: QueueKeys, payloads: list[bytes]) -> None:
+    await client.delete(keys.queue)
+    for start in range(0, len(payloads), 1_000):
+        await push(client, keys, payloads[start : start + 1_000], 10_000_000)
+
+
+async def _measure(ctx: Context, url: str) -> dict[str, Summary]:
+    from bridge.drain import drain
+
+    count = ctx.mode.drain_events
+    events = _events(count)
+    payloads = [e.encode() for e in events]
+    records = [record(e) for e in events]
+    base = ctx.settings("drain", database_url=url, analytics_max_queue_size=10_000_000)
+    keys = QueueKeys(base.analytics_key_prefix)
+    redis_client = aioredis.Redis.from_url(ctx.redis_url)
+    conn = await asyncpg.connect(url)
+    clock = time.perf_counter
+
+    async def timed(work: Callable[[], Awaitable[int]], rows: int) -> Run:
+        await conn.execute("TRUNCATE analytics_events")
+        start = clock()
+        done = await work()
+        seconds = clock() - start
+        stored = await row_count(conn)
+        if done != rows or stored != rows:
+            raise RuntimeError(
+                f"expected {rows} rows, the contender reported {done} and the table holds {stored}"
+            )
+        return Run(rows, seconds)
+
+    def drainer(batch: int, transaction: int) -> Callable[[], Awaitable[int]]:
+        settings = base.replace(analytics_batch_size=batch, analytics_insert_batch_size=transaction)
+
+        async def work() -> int:
+            return (await drain(settings, time_budget=3600)).inserted
+
+        return work
+
+    def copier(batch: int, rows: int) -> Callable[[], Awaitable[int]]:
+        async def work() -> int:
+            for start in range(0, rows, batch):
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        "analytics_events", records=records[start : start + batch], columns=COLUMNS
+                    )
+            return rows
+
+        return work
+
+    def inserter(batch: int, rows: int) -> Callable[[], Awaitable[int]]:
+        async def work() -> int:
+            for start in range(0, rows, batch):
+                async with conn.transaction():
+                    await conn.executemany(_INSERT, records[start : start + batch])
+            return rows
+
+        return work
+
+    runs: dict[str, list[Run]] = {}
+    try:
+        for repeat in range(ctx.mode.repeats + 1):
+            rows = count if repeat else min(count, max(1_000, count // 10))  # a short warm-up pass
+            for batch in BATCH_SIZES:
+                for name, maybe in (
+                    (f"drain {batch}/{batch}", None),
+                    (f"drain {batch}/{DEFAULT_TRANSACTION}", None),
+                    (f"copy {batch}", copier(batch, rows)),
+                    (f"executemany {batch}", inserter(batch, rows)),
+                ):
+                    work = maybe
+                    if work is None:  # a drain: queue the events first, off the clock
+                        transaction = batch if name.endswith(f"/{batch}") else DEFAULT_TRANSACTION
+                        await _fill(redis_client, keys, payloads[:rows])
+                        work = drainer(batch, transaction)
+                    result = await timed(work, rows)
+                    if repeat:
+                        runs.setdefault(name, []).append(result)
+            logger.info("drain: repeat %s/%s done", repeat, ctx.mode.repeats)
+    finally:
+        await redis_client.delete(keys.queue)
+        await redis_client.aclose()
+        await conn.close()
+    return {name: Summary.of(r) for name, r in runs.items()}
+
+
+async def _run(ctx: Context) -> dict[str, Summary]:
+    async with bench_database(ctx, "drain") as url:
+        return await _measure(ctx, url)
+
+
+def run(ctx: Context) -> Section:
+    s = asyncio.run(_run(ctx))
+    section = Section(
+        f"3. drain into PostgreSQL, {ctx.mode.drain_events:,} events per run",
+        ["batch", "contender", "rows/s", "drain B/B / it"],
+    )
+    for batch in BATCH_SIZES:
+        like = s[f"drain {batch}/{batch}"]
+        for name, label in (
+            (f"drain {batch}/{batch}", f"drain: claim {batch}, {batch} rows per transaction"),
+            (
+                f"drain {batch}/{DEFAULT_TRANSACTION}",
+                f"drain: claim {batch}, {DEFAULT_TRANSACTION:,} rows/txn (default)",
+            ),
+            (f"copy {batch}", f"raw asyncpg COPY, {batch} rows per transaction"),
+            (f"executemany {batch}", f"asyncpg executemany INSERT, {batch} rows per transaction"),
+        ):
+            it = s[name]
+            ratio = "" if name == f"drain {batch}/{batch}" else fmt_ratio(like.rate / it.rate)
+            section.rows.append([f"{batch:,}", label, fmt_rate(it.rate), ratio])
+    section.data = {name: summary.as_dict() for name, summary in s.items()}
+    section.checks = [
+        Check(
+            f"drain / raw COPY at batch {b:,} (claim = txn = {b:,})",
+            s[f"drain {b}/{b}"].rate / s[f"copy {b}"].rate,
+            0.5,
+        )
+        for b in BATCH_SIZES
+    ]
+    section.checks += [
+        Check(
+            f"drain as shipped (claim {b:,}, txn {DEFAULT_TRANSACTION:,}) / raw COPY at {b:,}",
+            s[f"drain {b}/{DEFAULT_TRANSACTION}"].rate / s[f"copy {b}"].rate,
+            0.5,
+        )
+        for b in BATCH_SIZES
+    ]
+    return section
