@@ -1,0 +1,278 @@
+"""SyncAnalyticsClient: threads, fork, legacy signature, lifecycle; against the real Redis."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from servers import free_port
+
+from analytics_sdk import (
+    ClientClosedError,
+    PublishError,
+    Settings,
+    SyncAnalyticsClient,
+    ValidationError,
+    decode,
+)
+from analytics_sdk._queue import QueueKeys
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_DB = 13
+
+
+@pytest.fixture
+def sync_client(settings: Settings) -> Iterator[SyncAnalyticsClient]:
+    with SyncAnalyticsClient(settings) as client:
+        yield client
+
+
+def queued_ids(sync_redis: redis.Redis, settings: Settings) -> list[str]:
+    raws = sync_redis.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)
+    return [decode(raw).event_id for raw in raws]
+
+
+def test_track_from_8_threads(
+    sync_client: SyncAnalyticsClient, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    results: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(index: int) -> None:
+        try:
+            start.wait(10)
+            results[index] = [
+                sync_client.track("threaded", user_id=f"t{index}", entity_id=n) for n in range(100)
+            ]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    ids = [event_id for index in range(8) for event_id in results[index]]
+    assert len(set(ids)) == 800
+    in_redis = queued_ids(sync_redis, settings)
+    assert sorted(in_redis) == sorted(ids), "every id once"
+    assert sync_client.get_queue_size() == 800
+
+
+def test_after_fork_child_uses_its_own_connections(
+    sync_client: SyncAnalyticsClient, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    parent_id = sync_client.track("before-fork")
+    parent_runtime = sync_client._runtime
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 1
+        try:
+            os.close(read)
+            child_ids = [sync_client.track("in-child", user_id="child") for _ in range(3)]
+            runtime = sync_client._runtime
+            status = 2
+            if runtime is not None and runtime is not parent_runtime and runtime.pid == os.getpid():
+                status = 3
+                if sync_client.get_queue_size() >= 4:
+                    os.write(write, orjson.dumps(child_ids))
+                    status = 0
+            sync_client.close()
+        except BaseException:
+            status = 4
+        finally:
+            os._exit(status)
+    os.close(write)
+    _, wait_status = os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        reported = pipe.read()
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    child_ids = orjson.loads(reported)
+    # The parent's client is untouched by the child's use and close, and keeps working.
+    assert sync_client._runtime is parent_runtime
+    after_id = sync_client.track("after-fork")
+    ids = queued_ids(sync_redis, settings)
+    assert ids[0] == parent_id
+    assert set(child_ids) <= set(ids)
+    assert ids[-1] == after_id
+    assert len(ids) == 5
+
+
+def test_fork_before_first_use(settings: Settings, sync_redis: redis.Redis) -> None:
+    client = SyncAnalyticsClient(settings)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            client.track("child-first")
+            client.close()
+            status = 0
+        except BaseException:
+            status = 1
+        os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    with client:
+        client.track("parent")
+    assert len(queued_ids(sync_redis, settings)) == 2
+
+
+def test_legacy_track_event_signature(
+    sync_client: SyncAnalyticsClient, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    names = list(inspect.signature(sync_client.track_event).parameters)
+    assert names == [
+        "event_type",
+        "user_id",
+        "session_id",
+        "entity_type",
+        "entity_id",
+        "event_metadata",
+        "ip_address",
+        "user_agent",
+        "referrer",
+        "created_at",
+    ]
+    event_id = sync_client.track_event(
+        event_type="purchase",
+        user_id=7,
+        session_id="s",
+        entity_type="product",
+        entity_id=99,
+        event_metadata='{"price": 9.5}',
+        ip_address="198.51.100.1",
+        user_agent="legacy",
+        referrer="https://example.com",
+        created_at="2024-05-17T12:00:00Z",
+    )
+    (raw,) = sync_redis.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)
+    event = decode(raw)
+    assert event.event_id == event_id
+    assert (event.user_id, event.entity_id, event.event_metadata) == ("7", "99", {"price": 9.5})
+    positional = sync_client.track_event("positional", "u1", "s1")
+    last = decode(sync_redis.lrange(QueueKeys(settings.analytics_key_prefix).queue, -1, -1)[0])
+    assert (last.event_id, last.user_id, last.session_id) == (positional, "u1", "s1")
+
+
+def test_validation_runs_in_the_calling_thread(settings: Settings) -> None:
+    client = SyncAnalyticsClient(settings)
+    with pytest.raises(ValidationError) as info:
+        client.track("x", ip_address="not-an-ip")
+    assert info.value.field == "ip_address"
+    with pytest.raises(ValidationError):
+        client.track_many([{"event_type": "ok"}, {"event_type": ""}])
+    assert client._runtime is None, "a bad event never starts the loop thread"
+    client.close()
+
+
+def test_track_many_and_queue_size(
+    sync_client: SyncAnalyticsClient, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    with pytest.raises(ValidationError):
+        sync_client.track_many([{"event_type": "a"}, {"event_type": "b", "user_id": "\x00"}])
+    assert sync_client.get_queue_size() == 0
+    ids = sync_client.track_many([{"event_type": "a"}, {"event_type": "b"}])
+    assert queued_ids(sync_redis, settings) == ids
+    assert sync_client.track_many([]) == []
+    assert sync_client.get_queue_size() == 2
+
+
+def test_use_after_close(settings: Settings) -> None:
+    client = SyncAnalyticsClient(settings)
+    client.track("x")
+    client.close()
+    client.close()  # idempotent
+    assert client.closed
+    assert "closed" in repr(client)
+    for call in (
+        lambda: client.track("y"),
+        lambda: client.track_event("y"),
+        lambda: client.track_many([{"event_type": "y"}]),
+        client.get_queue_size,
+        client.flush_events_now,
+    ):
+        with pytest.raises(ClientClosedError):
+            call()
+    assert not [t for t in threading.enumerate() if t.name == "analytics-sdk" and t.is_alive()]
+
+
+def test_close_while_other_threads_track(settings: Settings) -> None:
+    client = SyncAnalyticsClient(settings)
+    client.track("start")
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                client.track("busy")
+            except ClientClosedError:
+                outcomes.append("closed")
+                return
+            except BaseException as exc:
+                outcomes.append(repr(exc))
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    client.close()
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert all(not thread.is_alive() for thread in threads)
+    assert set(outcomes) <= {"closed"}, outcomes
+
+
+def test_publish_error_reaches_the_thread(settings: Settings) -> None:
+    unreachable = settings.replace(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", analytics_publish_retries=1
+    )
+    with SyncAnalyticsClient(unreachable) as client, pytest.raises(PublishError):
+        client.track("nowhere")
+
+
+def test_flush_events_now(settings: Settings, redis_available: str) -> None:
+    url = redis_available.rsplit("/", 1)[0] + f"/{BROKER_DB}"
+    with SyncAnalyticsClient(settings.replace(broker_url=url)) as client:
+        task_id = client.flush_events_now()
+    with redis.Redis.from_url(url) as broker:
+        for raw in broker.lrange("analytics", 0, -1):
+            message = orjson.loads(raw)
+            if message["headers"]["id"] == task_id:
+                assert message["headers"]["task"] == "flush_analytics_events"
+                broker.lrem("analytics", 1, raw)
+                break
+        else:
+            pytest.fail("flush task not on the broker")
+
+
+def test_unclosed_client_does_not_hang_interpreter_exit(settings: Settings) -> None:
+    script = textwrap.dedent(
+        f"""
+        from analytics_sdk import Settings, SyncAnalyticsClient
+        client = SyncAnalyticsClient(Settings(redis_url={settings.redis_dsn!r},
+                                              analytics_key_prefix={settings.analytics_key_prefix!r},
+                                              analytics_backlog_trigger=False))
+        print(client.track("forgot-to-close"))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
