@@ -183,6 +183,9 @@ def _demo(users: int, per_user: int, flush_interval: float, concurrency: int) ->
             # A second Ctrl-C must not cut the worker's shutdown short: it has its own deadline.
             ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
+                # Queue emptied first, so a drain still running (after Ctrl-C) finds nothing more to
+                # claim and the warm shutdown is quick; again after, for what it acked meanwhile.
+                _delete_prefix(settings)
                 click.echo(f"stopping worker pid {worker.pid}", err=True)
                 exit_code = worker.stop()
                 click.echo(f"worker pid {worker.pid} stopped (exit code {exit_code})", err=True)
