@@ -61,6 +61,11 @@ class ConfigurationError(AnalyticsError, ValueError):
         self.reason = reason
         super().__init__(f"{variable}={shorten(value)}: {reason}")
 
+    def __reduce__(self) -> tuple[type[ConfigurationError], tuple[str, object, str]]:
+        # Exception's default rebuilds from self.args (the one message): copy.copy() and pickle
+        # (process pools, test runners) would call __init__ with the wrong arguments.
+        return (type(self), (self.variable, self.value, self.reason))
+
 
 class ValidationError(AnalyticsError, ValueError):
     """An event failed validation; ``field`` names it, ``value`` is what was given."""
@@ -70,6 +75,9 @@ class ValidationError(AnalyticsError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"{field}={shorten(value)}: {reason}")
+
+    def __reduce__(self) -> tuple[type[ValidationError], tuple[str, object, str]]:
+        return (type(self), (self.field, self.value, self.reason))
 
 
 class PublishError(AnalyticsError):
