@@ -17,7 +17,8 @@ def _group(name: str) -> list[str]:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite against the real Redis, PostgreSQL and a real Celery worker."""
-    session.install("-e", ".[bridge]", *_group("test"))
+    # The bench group too: tests/test_bench_smoke.py runs the benchmark program in its tiny mode.
+    session.install("-e", ".[bridge]", *_group("test"), *_group("bench"))
     session.run("pytest", *session.posargs)
 
 
@@ -42,3 +43,14 @@ def demo(session: nox.Session) -> None:
     """
     session.install("-e", ".[bridge]")
     session.run("python", "-m", "bridge.demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks (README "Benchmarks"): prints the table, writes bench-results.json.
+
+    ``nox -s bench`` is the full run; ``nox -s bench -- --quick`` the CI-sized one (under 2 minutes);
+    other options: ``nox -s bench -- --help``.
+    """
+    session.install("-e", ".[bridge]", *_group("bench"))
+    session.run("python", "-m", "benchmarks", *session.posargs)
