@@ -52,7 +52,13 @@ from analytics_sdk._queue import (
 from analytics_sdk._settings import Settings
 
 from . import _failpoints
-from ._errors import is_connection_error, is_data_error, is_transient_conflict, sqlstate_of
+from ._errors import (
+    ConnectionLostError,
+    is_connection_error,
+    is_data_error,
+    is_transient_conflict,
+    sqlstate_of,
+)
 from .schema import asyncpg_dsn
 from .store import InsertResult, insert_events
 
@@ -213,12 +219,26 @@ class _Drain:
                     )
             _failpoints.hit("after_commit")
         except Exception as exc:
-            if is_connection_error(exc):
+            lost = not is_connection_error(exc) and await self._postgres_lost()
+            if lost or is_connection_error(exc):
                 # An outage is not the events' fault: do not let it count towards the poison limit.
                 with contextlib.suppress(Exception):
                     await self.redis.hdel(self.keys.reclaims, *(c.batch_id for c in claims))
+            if lost:
+                raise ConnectionLostError(f"PostgreSQL connection lost: {type(exc).__name__}: {exc}") from exc
             raise
         await self._ack(claims, dead, result)
+
+    async def _postgres_lost(self) -> bool:
+        """After an unclassified error: is the session gone? asyncpg can report a session the server
+        terminated while it sat idle as an InternalClientError ("another operation is in progress")."""
+        if self.conn.is_closed():
+            return True
+        try:
+            await asyncio.wait_for(self.conn.fetchval("SELECT 1"), 5)
+        except Exception:
+            return True
+        return False
 
     def _decode(self, claims: Sequence[Claim]) -> tuple[list[Event], list[bytes], list[bytes]]:
         limit = self.settings.analytics_max_metadata_bytes

@@ -91,13 +91,15 @@ async def _create_database(url: URL) -> None:
     admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
-            exists = await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
-            if not exists:
+            exists = text("SELECT 1 FROM pg_database WHERE datname = :n")
+            if not await conn.scalar(exists, {"n": name}):
                 try:
                     await conn.execute(text(f"CREATE DATABASE {_quote_ident(name)}"))
                     logger.info("created database %s", name)
-                except Exception as exc:  # a concurrent migrate() created it first: fine
-                    if "already exists" not in str(exc):
+                except Exception:
+                    # A concurrent migrate() may have created it first ("already exists", or a unique
+                    # violation on pg_database when both passed the check at once): that is success.
+                    if not await conn.scalar(exists, {"n": name}):
                         raise
     finally:
         await admin.dispose()

@@ -1,0 +1,141 @@
+"""The events table (DESIGN §4) and migrate(): types, defaults, indexes, idempotence, database creation."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import asyncpg
+import pytest
+
+from bridge.schema import TABLE_NAME, asyncpg_dsn, events_table, metadata, migrate, sqlalchemy_url
+from tests.conftest import PG_ADMIN_URL, _admin
+
+EXPECTED_COLUMNS = {
+    # name: (type, nullable, default contains)
+    "id": ("bigint", "NO", None),
+    "event_id": ("uuid", "NO", None),
+    "user_id": ("text", "YES", None),
+    "session_id": ("text", "YES", None),
+    "event_type": ("text", "NO", None),
+    "entity_type": ("text", "YES", None),
+    "entity_id": ("text", "YES", None),
+    "event_metadata": ("jsonb", "NO", "'{}'::jsonb"),
+    "ip_address": ("inet", "YES", None),
+    "user_agent": ("text", "YES", None),
+    "referrer": ("text", "YES", None),
+    "created_at": ("timestamp with time zone", "NO", None),
+    "received_at": ("timestamp with time zone", "NO", "now()"),
+}
+
+
+def test_metadata_defines_the_table() -> None:
+    assert metadata.tables[TABLE_NAME] is events_table
+    assert [c.name for c in events_table.columns] == list(EXPECTED_COLUMNS)
+    assert [c.name for c in events_table.primary_key.columns] == ["id"]
+
+
+@pytest.mark.parametrize(
+    ("url", "sa", "pg"),
+    [
+        (
+            "postgresql://u:p@h:5432/db",
+            "postgresql+asyncpg://u:p@h:5432/db",
+            "postgresql://u:p@h:5432/db",
+        ),
+        ("postgres://h/db", "postgresql+asyncpg://h/db", "postgresql://h/db"),
+        (
+            "postgresql+asyncpg://h/db?ssl=require",
+            "postgresql+asyncpg://h/db?ssl=require",
+            "postgresql://h/db?ssl=require",
+        ),
+    ],
+)
+def test_url_converters(url: str, sa: str, pg: str) -> None:
+    assert sqlalchemy_url(url) == sa
+    assert asyncpg_dsn(url) == pg
+
+
+def test_url_converters_reject_other_schemes_without_leaking_the_password() -> None:
+    with pytest.raises(ValueError, match="not a PostgreSQL URL") as info:
+        sqlalchemy_url("mysql://user:hunter2@h/db")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ValueError):
+        asyncpg_dsn("redis://h/0")
+
+
+async def test_migrated_table_has_the_designed_columns_and_indexes(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT column_name, data_type, is_nullable, column_default, is_identity "
+            "FROM information_schema.columns WHERE table_name = $1",
+            TABLE_NAME,
+        )
+        columns = {r["column_name"]: r for r in rows}
+        assert set(columns) == set(EXPECTED_COLUMNS)
+        for name, (kind, nullable, default) in EXPECTED_COLUMNS.items():
+            assert columns[name]["data_type"] == kind, name
+            assert columns[name]["is_nullable"] == nullable, name
+            if default is not None:
+                assert default in (columns[name]["column_default"] or ""), name
+        assert columns["id"]["is_identity"] == "YES"
+        indexes = {
+            r["indexname"]: r["indexdef"]
+            for r in await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = $1", TABLE_NAME
+            )
+        }
+        defs = list(indexes.values())
+        assert any("UNIQUE" in d and "(event_id)" in d for d in defs), defs
+        assert any("(event_type, created_at)" in d for d in defs), defs
+        assert any("(user_id, created_at)" in d for d in defs), defs
+    finally:
+        await conn.close()
+
+
+async def test_defaults_fill_metadata_and_received_at(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                f"INSERT INTO {TABLE_NAME} (event_id, event_type, created_at) "
+                "VALUES (gen_random_uuid(), 'x', now()) RETURNING event_metadata, received_at, id"
+            )
+            assert row["event_metadata"] == "{}"
+            assert row["received_at"] is not None
+            assert row["id"] >= 1
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await conn.close()
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def test_migrate_is_idempotent(database_url: str) -> None:
+    await migrate(database_url)
+    await migrate(database_url)
+
+
+async def test_migrate_creates_a_missing_database_and_concurrent_calls_agree() -> None:
+    name = f"analytics_migrate_{secrets.token_hex(4)}"
+    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        # Three at once: the database and the table are each created exactly once, nobody fails.
+        await asyncio.gather(migrate(url), migrate(url), migrate(url))
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", TABLE_NAME)
+        finally:
+            await conn.close()
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_migrate_reports_an_unreachable_server() -> None:
+    with pytest.raises(OSError):
+        await migrate("postgresql://postgres@127.0.0.1:1/nothing_here")
