@@ -8,6 +8,9 @@ Each run starts from an empty table. Contenders, interleaved within each repeat:
   straight into analytics_events (no Redis, no decoding, no conflict handling);
 - executemany B: ``INSERT ... VALUES ($1..$11)`` of the same rows, B rows per transaction.
 The like-for-like check compares drain B/B with raw COPY B; drain B/5,000 is the shipped default.
+Two diagnostic rows split the drain's cost: ``bridge.store.insert_events`` alone on pre-decoded events,
+B per transaction (COPY -> staging -> INSERT ... ON CONFLICT: the database side of the drain), and
+``decode()`` alone in memory (orjson + re-validation: the Python side).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import redis.asyncio as aioredis
 
-from analytics_sdk._event import Event, validate
+from analytics_sdk._event import Event, decode, validate
 from analytics_sdk._queue import QueueKeys, push
 
 from ._common import EVENT_TYPE, FIELDS, Check, Context, Run, Section, Summary, fmt_rate, fmt_ratio
@@ -43,6 +46,13 @@ def _events(count: int) -> list[Event]:
     ]
 
 
+def _decode_only(payloads: list[bytes]) -> Run:
+    start = time.perf_counter()
+    for raw in payloads:
+        decode(raw)
+    return Run(len(payloads), time.perf_counter() - start)
+
+
 async def _fill(client: aioredis.Redis, keys: QueueKeys, payloads: list[bytes]) -> None:
     await client.delete(keys.queue)
     for start in range(0, len(payloads), 1_000):
@@ -51,6 +61,7 @@ async def _fill(client: aioredis.Redis, keys: QueueKeys, payloads: list[bytes]) 
 
 async def _measure(ctx: Context, url: str) -> dict[str, Summary]:
     from bridge.drain import drain
+    from bridge.store import insert_events
 
     count = ctx.mode.drain_events
     events = _events(count)
@@ -93,6 +104,15 @@ async def _measure(ctx: Context, url: str) -> dict[str, Summary]:
 
         return work
 
+    def staged(batch: int, rows: int) -> Callable[[], Awaitable[int]]:
+        async def work() -> int:
+            inserted = 0
+            for start in range(0, rows, batch):
+                inserted += (await insert_events(conn, events[start : start + batch])).inserted
+            return inserted
+
+        return work
+
     def inserter(batch: int, rows: int) -> Callable[[], Awaitable[int]]:
         async def work() -> int:
             for start in range(0, rows, batch):
@@ -112,6 +132,7 @@ async def _measure(ctx: Context, url: str) -> dict[str, Summary]:
                     (f"drain {batch}/{DEFAULT_TRANSACTION}", None),
                     (f"copy {batch}", copier(batch, rows)),
                     (f"executemany {batch}", inserter(batch, rows)),
+                    (f"store {batch}", staged(batch, rows)),
                 ):
                     work = maybe
                     if work is None:  # a drain: queue the events first, off the clock
@@ -121,6 +142,9 @@ async def _measure(ctx: Context, url: str) -> dict[str, Summary]:
                     result = await timed(work, rows)
                     if repeat:
                         runs.setdefault(name, []).append(result)
+            decoded = _decode_only(payloads[:rows])
+            if repeat:
+                runs.setdefault("decode", []).append(decoded)
             logger.info("drain: repeat %s/%s done", repeat, ctx.mode.repeats)
     finally:
         await redis_client.delete(keys.queue)
@@ -150,10 +174,15 @@ def run(ctx: Context) -> Section:
             ),
             (f"copy {batch}", f"raw asyncpg COPY, {batch} rows per transaction"),
             (f"executemany {batch}", f"asyncpg executemany INSERT, {batch} rows per transaction"),
+            (f"store {batch}", f"diag: store.insert_events alone (staging + ON CONFLICT), {batch}/txn"),
         ):
             it = s[name]
             ratio = "" if name == f"drain {batch}/{batch}" else fmt_ratio(like.rate / it.rate)
             section.rows.append([f"{batch:,}", label, fmt_rate(it.rate), ratio])
+    decoded = s["decode"]
+    section.rows.append(
+        ["-", "diag: decode() alone (orjson + re-validation), 1 thread", fmt_rate(decoded.rate), ""]
+    )
     section.data = {name: summary.as_dict() for name, summary in s.items()}
     section.checks = [
         Check(
