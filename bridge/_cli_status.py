@@ -172,10 +172,11 @@ def warnings_for(status: dict[str, Any]) -> list[str]:
     if "redis_error" in status:
         out.append(f"Redis unreachable: {status['redis_error']}; start it: {START_REDIS}")
     if "error" in status["database"]:
-        out.append(
-            f"PostgreSQL unreachable or not migrated: {status['database']['error']};"
-            f" start it: {START_POSTGRES}, then `analytics-bridge migrate`"
-        )
+        error = status["database"]["error"]
+        if "does not exist" in error:
+            out.append(f"PostgreSQL: {error}; run `analytics-bridge migrate`")
+        else:
+            out.append(f"PostgreSQL unreachable: {error}; start it: {START_POSTGRES}")
     if "queue" not in status:
         return out
     age = status["queue"]["oldest_age_seconds"]

@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import click
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -61,6 +62,11 @@ def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
             f"Redis at {redact_url(settings.redis_dsn)} did not answer ({exc}).\n"
             f"Start it: {START_REDIS}\n"
             "or point ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_HOST/PORT/DB) elsewhere."
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        raise click.ClickException(
+            f"PostgreSQL at {redact_url(settings.database_url)} refused: {exc}\n"
+            "(has `analytics-bridge migrate` run against this database?)"
         ) from exc
     except (OSError, TimeoutError) as exc:
         raise Unreachable(

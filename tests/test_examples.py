@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ from types import ModuleType
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
-from analytics_sdk import Settings, decode
+from analytics_sdk import Settings, decode, validate
 from analytics_sdk._queue import QueueKeys
 from bridge._demo_worker import Worker
 
@@ -50,6 +53,14 @@ def _run(script: str, env: dict[str, str], timeout: float = 60) -> subprocess.Co
     )
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def aioredis_from(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(settings.redis_dsn)
+
+
+def decode_ok_payload() -> bytes:
+    return validate({"event_type": "replayed", "user_id": "9"}).encode()
 
 
 def _queued(sync_redis: redis.Redis, settings: Settings) -> list[dict[str, object]]:
@@ -169,3 +180,110 @@ def test_verify_setup_sees_rows_with_a_real_worker(db_settings: Settings, tmp_pa
         assert worker.stop() is not None
     assert "OK: all 5 events are rows in analytics_events" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.count(" row ") == 5
+
+
+# -- the README stays true --------------------------------------------------------------------------
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_configuration_table_lists_every_setting_with_its_default() -> None:
+    import dataclasses
+
+    from analytics_sdk._settings import env_name
+
+    rows = dict(re.findall(r"^\| `(ANALYTICS_[A-Z_]+)` \| ([^|]+) \|", README, re.MULTILINE))
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        name = env_name(f.name)
+        assert name in rows, f"{name} is missing from the README's configuration table"
+        shown = rows[name].strip().strip("`")
+        value = getattr(defaults, f.name)
+        if value is None:
+            assert shown.startswith("(none)") or shown == "the Redis URL", (name, shown)
+        elif isinstance(value, bool):
+            assert shown == str(value).lower(), (name, shown)
+        elif isinstance(value, float):
+            assert float(shown) == value, (name, shown)
+        else:
+            assert shown == str(value), (name, shown)
+    assert set(rows) == {env_name(f.name) for f in dataclasses.fields(Settings)}
+
+
+def test_readme_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
+    db_settings: Settings, tmp_path: Path
+) -> None:
+    """Run the README's two ACL SETUSER lines on a throwaway server and drive every path through them;
+    Redis's ACL LOG must stay empty (a denied command anywhere, even in a background task, shows there)."""
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from analytics_sdk import AnalyticsClient
+    from analytics_sdk._queue import claim, dead_letter_entry
+    from bridge.cli import main
+    from bridge.drain import drain
+    from tests.conftest import run_blocking
+    from tests.servers import start_redis
+
+    lines = re.findall(r"^ACL SETUSER .+$", README, re.MULTILINE)
+    assert [line.split()[2] for line in lines] == ["analytics-app", "analytics-bridge"]
+    server = start_redis(tmp_path)
+    try:
+        with server.client() as admin:
+            for line in lines:
+                admin.execute_command(*shlex.split(line.replace(">CHANGE-ME", ">pw")))
+            base = f"127.0.0.1:{server.port}/0"
+            app = Settings(
+                redis_url=f"redis://analytics-app:pw@{base}",
+                broker_url=server.url,  # Celery gets its own (here: the default) user, as the README says
+                analytics_max_queue_size=5,
+                analytics_batch_size=2,
+            )
+            bridge = db_settings.replace(
+                redis_url=f"redis://analytics-bridge:pw@{base}", analytics_key_prefix="analytics"
+            )
+
+            async def produce() -> int:
+                async with AnalyticsClient(app) as client:
+                    await client.track_many([{"event_type": "acl"}] * 3)
+                    await asyncio.gather(*(client.track("acl", user_id=str(n)) for n in range(4)))
+                    return await client.get_queue_size()
+
+            assert run_blocking(produce()) == 5  # 7 pushed, cap 5: INCRBY of the dropped counter ran
+            assert admin.get("analytics:events:dropped") == b"2"
+
+            async def consume() -> int:
+                client = aioredis_from(bridge)
+                try:
+                    await claim(client, QueueKeys("analytics"), 2, "stale")  # left in flight, as by a crash
+                finally:
+                    await client.aclose()
+                summary = await drain(bridge.replace(analytics_visibility_timeout=0.001))
+                return summary.inserted
+
+            assert run_blocking(consume()) == 5  # the take-over script and the claim/ack scripts ran
+            admin.rpush(
+                "analytics:events:dead",
+                dead_letter_entry(decode_ok_payload(), "was too big"),
+                dead_letter_entry(b"garbage", "payload: is not JSON"),
+            )
+            env = {
+                "ANALYTICS_REDIS_URL": bridge.redis_dsn,
+                "ANALYTICS_DATABASE_URL": bridge.database_url,
+                "ANALYTICS_KEY_PREFIX": "analytics",
+            }
+            runner = CliRunner()
+            for args in (
+                ["status", "--json"],
+                ["dead-letters", "list"],
+                ["dead-letters", "replay"],
+                ["flush"],
+                ["dead-letters", "purge", "--yes"],
+            ):
+                result = runner.invoke(main, args, env=env, catch_exceptions=False)
+                assert result.exit_code == 0, (args, result.output)
+            assert admin.llen("analytics:events:dead") == 0
+            assert admin.acl_log() == []
+    finally:
+        server.stop()
