@@ -359,8 +359,8 @@ async def drain(
         line = orjson.dumps(summary.as_dict())
         await redis.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": line})
     except BaseException as exc:
-        done = worker.summary.as_dict() if worker is not None else {}
-        logger.warning("drain of %s stopped by %s after %s", keys.queue, type(exc).__name__, done)
+        done = worker.summary.as_dict() if worker is not None else "nothing claimed"
+        logger.warning("drain of %s stopped by %r; done so far: %s", keys.queue, exc, done)
         raise
     finally:
         if conn is not None:

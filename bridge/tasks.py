@@ -30,10 +30,10 @@ __all__ = ["flush_analytics_events"]
 logger = logging.getLogger(__name__)
 
 
+# The queue comes from the app's task_routes (Celery 5.7 deprecates the task's own queue attribute).
 @app.task(
     name=FLUSH_TASK,
     bind=True,
-    queue=FLUSH_QUEUE,
     acks_late=True,
     autoretry_for=CONNECTION_ERRORS,
     max_retries=3,
