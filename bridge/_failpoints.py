@@ -5,6 +5,9 @@ is a comma-separated list of ``name=action``; actions:
 
 - ``kill``          SIGKILL this process (a worker dying with no chance to clean up)
 - ``sleep:SECONDS`` block the event loop's thread this long (a hung insert, a time limit hit)
+- ``hang:SECONDS``  the same with SIGUSR1/SIGTERM/SIGINT blocked: a C call that never returns to the
+                    interpreter, so Celery's soft time limit (SIGUSR1) cannot interrupt it and only the
+                    hard limit's SIGKILL ends it
 - ``raise``         raise :class:`FailPointError`
 
 Points the drain passes: ``after_claim`` (claimed, nothing inserted), ``before_commit`` (rows sent,
@@ -45,6 +48,13 @@ def _act(name: str, action: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("hang:"):
+        blocked = {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            time.sleep(float(action.split(":", 1)[1]))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     elif action == "raise":
         raise FailPointError(f"fail point {name} armed")
 

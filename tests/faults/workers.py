@@ -73,7 +73,7 @@ class CeleryProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def wait_ready(self, pattern: str = r"celery@\S+ ready\.", timeout: float = _READY_TIMEOUT) -> None:
+    def wait_ready(self, pattern: str = r"\S+@\S+ ready\.", timeout: float = _READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while not re.search(pattern, self.log()):
             if not self.alive():

@@ -1,0 +1,171 @@
+"""Drains racing each other: 9 (one task delivered twice at once, two beats), 10 (beat at 1 s racing
+flush_events_now() and the CLI flush), 11 (four concurrent drainers over 100,000 events)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from analytics_sdk import AnalyticsClient, Settings
+from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
+
+from .conftest import Fleet
+from .ledger import Ledger, collect, quiesce
+from .tools import backlog, drive_until, rows, seed, stats
+from .workers import REPO_ROOT, settings_env
+
+pytestmark = pytest.mark.faults
+
+SUCCEEDED = r"flush_analytics_events\[{}\] succeeded"
+
+
+def _settle(settings: Settings, fleet: Fleet, ledger: Ledger) -> dict[str, str]:
+    fleet.close()
+    asyncio.run(quiesce(settings))
+    outcome = asyncio.run(collect(settings))
+    outcome.check(ledger)
+    return outcome.stats
+
+
+def _assert_disjoint(final_stats: dict[str, str], ledger: Ledger) -> None:
+    # Had two drains ever claimed the same event, the second insert would have hit ON CONFLICT.
+    assert int(final_stats.get("duplicates", 0)) == 0, final_stats
+    assert int(final_stats.get("inserted", 0)) == len(ledger.accepted), final_stats
+
+
+@pytest.mark.timeout(180)
+def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fleet: Fleet) -> None:
+    settings = fault_settings.replace(analytics_flush_interval=1.0, analytics_batch_size=100)
+    ledger = seed(settings, 20_000)
+    worker = fleet.worker(settings, concurrency=2)
+    # The very same task message twice (same id, as a broker redelivery or a double send would do),
+    # sent back to back so both pool processes drain at once.
+    app = Celery("faults-09", broker=settings.broker_dsn, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    task_id = str(uuid.uuid4())
+    try:
+        for _ in range(2):
+            app.send_task(FLUSH_TASK, queue=FLUSH_QUEUE, task_id=task_id)
+    finally:
+        app.close()
+    fleet.beat(settings, name="beat-a")
+    fleet.beat(settings, name="beat-b")  # two beats: the schedule doubled, as the design warns
+    drive_until(
+        lambda: backlog(settings) == (0, 0) and worker.count(SUCCEEDED.format(task_id)) == 2,
+        lambda: None,
+        timeout=120,
+        message="both deliveries ran and the queue is empty",
+    )
+    wait_beats = worker.count(r"flush_analytics_events\[[^\]]+\] received")
+    assert wait_beats >= 3, "the beats sent nothing"
+    _assert_disjoint(_settle(settings, fleet, ledger), ledger)
+    assert rows(settings) == len(ledger.accepted)
+
+
+def _cli_flush(settings: Settings) -> subprocess.Popen[bytes]:
+    env = settings_env(settings)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridge", "flush", "--json"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.timeout(180)
+def test_10_beat_racing_flush_now_and_cli_flush(fault_settings: Settings, fleet: Fleet) -> None:
+    settings = fault_settings.replace(analytics_flush_interval=1.0, analytics_batch_size=50)
+    worker = fleet.worker(settings, concurrency=2)
+    fleet.beat(settings)
+    ledger = Ledger()
+    cli_runs: list[subprocess.Popen[bytes]] = []
+
+    async def produce_and_flush() -> int:
+        flushes = 0
+        async with AnalyticsClient(settings) as client:
+            stop_at = time.monotonic() + 6.0
+            i = 0
+            while time.monotonic() < stop_at:
+                ids = await client.track_many(
+                    [{"event_type": "race", "event_metadata": {"i": i + k}} for k in range(50)]
+                )
+                ledger.accept(ids)
+                i += 50
+                if i % 500 == 0:
+                    await client.flush_events_now()
+                    flushes += 1
+                if i % 2_000 == 0 and len(cli_runs) < 6:
+                    cli_runs.append(_cli_flush(settings))
+                await asyncio.sleep(0.02)
+        return flushes
+
+    try:
+        flushes = asyncio.run(produce_and_flush())
+        outputs = [p.communicate(timeout=60) for p in cli_runs]
+    finally:
+        for p in cli_runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert flushes >= 5 and len(cli_runs) >= 3
+    for process, (out, err) in zip(cli_runs, outputs, strict=True):
+        assert process.returncode == 0, err.decode()[-2000:]
+    drive_until(
+        lambda: backlog(settings) == (0, 0),
+        lambda: None,
+        timeout=60,
+        message="beat drains the rest",
+    )
+    assert worker.count(r"flush_analytics_events\[[^\]]+\] succeeded") >= flushes
+    _assert_disjoint(_settle(settings, fleet, ledger), ledger)
+    assert rows(settings) == len(ledger.accepted)
+
+
+def _drain_in_process(settings: Settings, start_at: float, queue: Any) -> None:
+    from bridge.drain import drain
+
+    time.sleep(max(0.0, start_at - time.time()))  # a common start: the four drain at once
+    summary = asyncio.run(drain(settings, time_budget=120))
+    queue.put(summary.as_dict())
+
+
+@pytest.mark.timeout(240)
+def test_11_four_concurrent_drainers_over_100k_events(fault_settings: Settings) -> None:
+    settings = fault_settings.replace(analytics_batch_size=500, analytics_insert_batch_size=2_000)
+    ledger = seed(settings, 100_000)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no loop or socket shared
+    results = context.Queue()
+    start_at = time.time() + 3.0
+    drainers = [
+        context.Process(target=_drain_in_process, args=(settings, start_at, results)) for _ in range(4)
+    ]
+    for p in drainers:
+        p.start()
+    try:
+        summaries = [results.get(timeout=180) for _ in drainers]
+        for p in drainers:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in drainers:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    claimed = [s["claimed"] for s in summaries]
+    assert sum(claimed) == 100_000, summaries
+    assert sum(1 for c in claimed if c > 0) >= 2, f"the drains did not overlap: {claimed}"
+    assert sum(s["duplicates"] for s in summaries) == 0, summaries
+    assert sum(s["inserted"] for s in summaries) == 100_000, summaries
+    asyncio.run(quiesce(settings))
+    outcome = asyncio.run(collect(settings))
+    outcome.check(ledger)
+    _assert_disjoint(stats(settings), ledger)
