@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._event import Event, validate
+from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._queue import PushResult, QueueKeys, push
 from ._sender import TaskSender
@@ -40,7 +40,11 @@ MAX_BATCH_EVENTS = 1_000
 MAX_BATCH_BYTES = 1 << 20
 _DROP_LOG_EVERY = 10.0  # seconds between warnings about events dropped by the cap
 
-_Waiter = tuple[list[bytes], "asyncio.Future[None]"]
+_Waiter = tuple[list[bytes], int, "asyncio.Future[None]"]  # (payloads, their bytes, the caller's future)
+
+# Bumped in every forked child: track() compares an int instead of paying a getpid() syscall per call.
+_forks = [0]
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 
 class AnalyticsClient:
@@ -59,6 +63,8 @@ class AnalyticsClient:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
+        self._forks = _forks[0]
+        self._metadata_limit = self.settings.analytics_max_metadata_bytes
         self._waiting: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -92,9 +98,9 @@ class AnalyticsClient:
         Raises :class:`ValidationError` (nothing pushed) or :class:`PublishError` (not acknowledged).
         """
         fields["event_type"] = event_type
-        event = validate(fields, max_metadata_bytes=self.settings.analytics_max_metadata_bytes)
-        await self._enqueue([event.encode()])
-        return event.event_id
+        event_id, raw = encode_fields(fields, max_metadata_bytes=self._metadata_limit)
+        await self._enqueue([raw], len(raw))
+        return event_id
 
     async def track_event(self, event_type: str, **fields: Any) -> str:
         """The older service's name for :meth:`track`; same fields, same behaviour."""
@@ -103,11 +109,14 @@ class AnalyticsClient:
     async def track_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
         """Validate every event first (one bad event pushes none), then push all in one MULTI."""
         self._check_open()  # also for an empty list: a closed client says so every time
-        limit = self.settings.analytics_max_metadata_bytes
-        validated = [e if isinstance(e, Event) else validate(e, max_metadata_bytes=limit) for e in events]
-        if validated:
-            await self._enqueue([e.encode() for e in validated])
-        return [e.event_id for e in validated]
+        limit = self._metadata_limit
+        encoded = [
+            (e.event_id, e.encode()) if isinstance(e, Event) else encode_fields(e, max_metadata_bytes=limit)
+            for e in events
+        ]
+        if encoded:
+            await self._enqueue([raw for _, raw in encoded])
+        return [event_id for event_id, _ in encoded]
 
     async def get_queue_size(self) -> int:
         """Events waiting in the Redis queue (not counting batches a drain has claimed)."""
@@ -167,6 +176,7 @@ class AnalyticsClient:
                 raise AnalyticsError("an injected Redis client cannot be used across a fork")
             # The parent's sockets are not ours to touch: drop them and start afresh.
             self._redis, self._pid, self._waiting, self._flusher = None, os.getpid(), [], None
+        self._forks = _forks[0]
         if self._redis is None:
             timeout = self.settings.analytics_redis_timeout
             self._redis = aioredis.Redis.from_url(
@@ -178,11 +188,15 @@ class AnalyticsClient:
             )
         return self._redis
 
-    async def _enqueue(self, payloads: list[bytes]) -> None:
-        client = self._get_redis()
+    async def _enqueue(self, payloads: list[bytes], size: int = -1) -> None:
         loop = asyncio.get_running_loop()
+        client = self._redis
+        # One cheap test on the hot path; any doubt (first use, closed, other loop, forked) takes
+        # _get_redis(), which checks everything and raises the right error.
+        if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
+            client = self._get_redis()
         future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((payloads, future))
+        self._waiting.append((payloads, sum(map(len, payloads)) if size < 0 else size, future))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_loop(client))
         await future
@@ -192,11 +206,10 @@ class AnalyticsClient:
         futures: list[asyncio.Future[None]] = []
         size = 0
         taken = 0
-        for payloads, future in self._waiting:
+        for payloads, weight, future in self._waiting:
             if future.done():  # its caller was cancelled before the send: never pushed
                 taken += 1
                 continue
-            weight = sum(map(len, payloads))
             if batch and (len(batch) + len(payloads) > MAX_BATCH_EVENTS or size + weight > MAX_BATCH_BYTES):
                 break
             batch.extend(payloads)
@@ -229,7 +242,7 @@ class AnalyticsClient:
         except BaseException as exc:
             # A bug or a cancellation here must not leave any caller waiting forever: neither those
             # whose batch was in flight (already taken off _waiting) nor those still queued.
-            for future in [*futures, *(f for _, f in self._waiting)]:
+            for future in [*futures, *(f for _, _, f in self._waiting)]:
                 if not future.done():
                     error = PublishError(f"the client's push loop stopped: {exc!r}")
                     error.__cause__ = exc

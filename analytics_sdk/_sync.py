@@ -23,7 +23,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from ._client import AnalyticsClient
-from ._event import Event, validate
+from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError
 from ._settings import Settings, redact_url
 
@@ -121,16 +121,16 @@ class SyncAnalyticsClient:
                 raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one") from exc
             raise
 
-    def _validate(self, fields: Mapping[str, Any]) -> Event:
-        return validate(fields, max_metadata_bytes=self.settings.analytics_max_metadata_bytes)
+    def _encode(self, fields: Mapping[str, Any]) -> tuple[str, bytes]:
+        return encode_fields(fields, max_metadata_bytes=self.settings.analytics_max_metadata_bytes)
 
     def track(self, event_type: str, **fields: Any) -> str:
         """Validate and push one event; returns its event_id once Redis acknowledged it."""
         fields["event_type"] = event_type
-        event = self._validate(fields)
+        event_id, raw = self._encode(fields)
         runtime = self._get()
-        self._call(runtime.client._enqueue, [event.encode()])
-        return event.event_id
+        self._call(runtime.client._enqueue, [raw], len(raw))
+        return event_id
 
     def track_event(
         self,
@@ -161,11 +161,13 @@ class SyncAnalyticsClient:
 
     def track_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
         """Validate all, then push all in one MULTI; one bad event pushes none."""
-        validated = [e if isinstance(e, Event) else self._validate(e) for e in events]
-        if validated:
+        if self._closed:  # also for an empty list, as the async client does
+            raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
+        encoded = [(e.event_id, e.encode()) if isinstance(e, Event) else self._encode(e) for e in events]
+        if encoded:
             runtime = self._get()
-            self._call(runtime.client._enqueue, [e.encode() for e in validated])
-        return [e.event_id for e in validated]
+            self._call(runtime.client._enqueue, [raw for _, raw in encoded])
+        return [event_id for event_id, _ in encoded]
 
     def get_queue_size(self) -> int:
         return self._call(self._get().client.get_queue_size)

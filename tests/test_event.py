@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from analytics_sdk import Event, ValidationError, decode, validate
-from analytics_sdk._event import FIELD_LIMITS, FIELDS, WIRE_VERSION, new_event_id
+from analytics_sdk._event import FIELD_LIMITS, FIELDS, WIRE_VERSION, encode_fields, new_event_id
 
 NOW = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
 EVENT_ID = "0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0b"
@@ -27,6 +27,10 @@ def check(fields: dict[str, Any], field: str, *, max_metadata_bytes: int = 32 * 
     with pytest.raises(ValidationError) as info:
         validate(fields, max_metadata_bytes=max_metadata_bytes, now=NOW)
     exc = info.value
+    # track()'s fused path raises the same first error.
+    with pytest.raises(ValidationError) as fused:
+        encode_fields(fields, max_metadata_bytes=max_metadata_bytes, now=NOW)
+    assert (fused.value.field, fused.value.reason) == (exc.field, exc.reason)
     assert isinstance(exc, ValueError)
     assert exc.field == field or exc.field.startswith(field + "."), exc.field
     assert str(exc).startswith(exc.field + "="), str(exc)
@@ -499,3 +503,80 @@ def test_decode_applies_metadata_limit() -> None:
     with pytest.raises(ValidationError) as info:
         decode(raw, max_metadata_bytes=100)
     assert info.value.field == "event_metadata"
+
+
+# -- track()'s fused path --------------------------------------------------------------------------------
+
+
+class _SubclassedDatetime(datetime):
+    """Like freezegun's FakeDatetime: orjson refuses datetime subclasses."""
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"event_type": "x"},
+        {"event_type": "x", "event_metadata": None, "user_id": None},
+        {
+            "event_type": "purchase",
+            "user_id": 42,
+            "session_id": "sess-é-🙂",
+            "entity_type": "article",
+            "entity_id": 7,
+            "event_metadata": {
+                "price": 9.99,
+                "tags": ["a", 1, None, True],
+                "nested": {"ok": [1.5, {"x": "y"}]},
+            },
+            "ip_address": ipaddress.ip_address("2001:db8::1"),
+            "user_agent": "Mozilla/5.0",
+            "referrer": "https://example.com/a?b=c",
+            "created_at": NOW,
+        },
+        {"event_type": "x", "event_metadata": '{"a": [1, 2.5, "x"], "b": {}}'},
+        {"event_type": "x", "event_metadata": b'{"k": null}'},
+        {"event_type": "x", "event_metadata": OrderedDict(b=(1, 2), a="z")},
+        {"event_type": "x", "created_at": NOW.replace(tzinfo=None)},
+        {"event_type": "x", "created_at": NOW.astimezone(timezone(timedelta(hours=-7))).isoformat()},
+        {"event_type": "x", "created_at": _SubclassedDatetime(2024, 5, 17, tzinfo=UTC)},
+        {"event_type": "x", "created_at": NOW.replace(microsecond=0)},
+        {"event_type": "x", "ip_address": "203.0.113.9", "event_id": uuid.UUID(EVENT_ID)},
+    ],
+)
+def test_encode_fields_is_validate_then_encode(fields: dict[str, Any]) -> None:
+    fields = {"event_id": EVENT_ID, **fields}
+    event_id, raw = encode_fields(fields, now=NOW)
+    event = validate(fields, now=NOW)
+    assert event_id == event.event_id
+    assert raw == event.encode(), "byte for byte"
+    assert decode(raw).event_id == event_id
+
+
+def test_encode_fields_makes_id_and_timestamp() -> None:
+    event_id, raw = encode_fields({"event_type": "x"})
+    event = decode(raw)
+    assert event.event_id == event_id
+    assert uuid.UUID(event_id).version == 7
+    assert abs(event.created_at - datetime.now(UTC)) < timedelta(seconds=60)
+
+
+def test_event_ids_differ_across_fork_and_seed() -> None:
+    import os
+    import random
+
+    random.seed(1234)  # an application seeding the global generator does not touch ours
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            random.seed(1234)
+            os.write(write, orjson.dumps([new_event_id() for _ in range(1000)]))
+        finally:
+            os._exit(0)
+    os.close(write)
+    mine = {new_event_id() for _ in range(1000)}
+    with os.fdopen(read, "rb") as pipe:
+        child = set(orjson.loads(pipe.read()))
+    os.waitpid(pid, 0)
+    assert len(child) == 1000
+    assert not mine & child
