@@ -81,8 +81,21 @@ async def _run(settings: Settings, worker: Worker, users: int, per_user: int, ru
         "tracked_seconds": tracked_s,
         "rows_seconds": done - started,
         "readback": readback,
-        "status": await collect_status(settings),
+        "status": await _settled_status(settings),
     }
+
+
+async def _settled_status(settings: Settings, within: float = 10.0) -> dict[str, Any]:
+    """The status once the last batch is acknowledged too (its rows are visible just before the ack)."""
+    deadline = time.monotonic() + within
+    while True:
+        status = await collect_status(settings)
+        settled = (
+            status.get("in_flight", {}).get("batches") == 0 and status.get("queue", {}).get("depth") == 0
+        )
+        if settled or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.1)
 
 
 def _summary(result: dict[str, Any], run_id: str, settings: Settings, worker_ready: float) -> str:
