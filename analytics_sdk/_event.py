@@ -47,6 +47,10 @@ FIELD_LIMITS: dict[str, int] = {
     "referrer": 2048,
 }
 _ID_FIELDS = frozenset({"user_id", "session_id", "entity_id"})
+_TEXT_BEFORE_METADATA = tuple(
+    (name, FIELD_LIMITS[name]) for name in ("user_id", "session_id", "entity_type", "entity_id")
+)
+_TEXT_AFTER_IP = tuple((name, FIELD_LIMITS[name]) for name in ("user_agent", "referrer"))
 FIELDS = (
     "event_id",
     "event_type",
@@ -333,18 +337,21 @@ def encode_fields(
         "event_id": event_id,
         "event_type": _text("event_type", get("event_type"), required=True),
     }
-    for name in ("user_id", "session_id", "entity_type", "entity_id"):
+    for name, limit in _TEXT_BEFORE_METADATA:
         value = get(name)
         if value is not None:
-            doc[name] = _text(name, value)
+            # The common case inline (a short ASCII str without NUL); anything else through _text.
+            ok = type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value
+            doc[name] = value if ok else _text(name, value)
     doc["event_metadata"] = orjson.Fragment(_metadata_json(get("event_metadata"), max_metadata_bytes)[1])
     value = get("ip_address")
     if value is not None:
         doc["ip_address"] = _ip(value)
-    for name in ("user_agent", "referrer"):
+    for name, limit in _TEXT_AFTER_IP:
         value = get(name)
         if value is not None:
-            doc[name] = _text(name, value)
+            ok = type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value
+            doc[name] = value if ok else _text(name, value)
     value = get("created_at")
     current = now or _now()
     created_at = current if value is None else _created_at(value, current)
