@@ -14,6 +14,7 @@ import redis
 from helpers import wait_for_sync
 
 from analytics_sdk import AnalyticsClient, PublishError, Settings
+from analytics_sdk._event import new_event_id
 from analytics_sdk._queue import QueueKeys
 
 from .conftest import Fleet, base_settings, new_database
@@ -92,8 +93,13 @@ def test_07_redis_restarted_under_producers_and_worker(
         rows_before = _rows(settings)
         lost_marker = worker.count(r"Connection to broker lost|Cannot connect to redis")
         durable_redis.kill()  # a crash: SIGKILL, no shutdown
+        killed_at = time.monotonic()
+        # Down long enough to outlast a push's retries (~0.3 s), and until the worker noticed too.
         wait_for_sync(
-            lambda: worker.count(r"Connection to broker lost|Cannot connect to redis") > lost_marker,
+            lambda: (
+                time.monotonic() - killed_at >= 2.0
+                and worker.count(r"Connection to broker lost|Cannot connect to redis") > lost_marker
+            ),
             timeout=30,
             message="the worker notices Redis is gone",
         )
@@ -189,6 +195,46 @@ def test_08_redis_at_maxmemory_noeviction(full_redis: RedisServer, pg_cluster: P
             return await client.track("after", event_metadata={"pad": padding})
 
     ledger.accept(asyncio.run(one_more()))
+
+    # Harder: producers keep Redis at its limit while drains run; every drain must finish its work
+    # and return (its acks and its bookkeeping may not need memory the producers just took).
+    async def drain_under_pressure() -> tuple[list[int], int]:
+        stop = asyncio.Event()
+        refusals = 0
+        async with AnalyticsClient(settings) as client:
+
+            async def pressure() -> None:
+                nonlocal refusals
+                while not stop.is_set():
+                    event_id = new_event_id()
+                    try:
+                        await client.track("pressure", event_id=event_id, event_metadata={"pad": padding})
+                        ledger.accept(event_id)
+                    except PublishError:
+                        ledger.refuse(event_id)
+                        refusals += 1
+                        await asyncio.sleep(0.005)
+
+            tasks = [asyncio.create_task(pressure()) for _ in range(20)]
+            try:
+
+                async def full() -> None:
+                    while refusals == 0:
+                        await asyncio.sleep(0.01)
+
+                await asyncio.wait_for(full(), 30)  # Redis at its limit again
+                claimed = []
+                for _ in range(3):
+                    summary = await asyncio.wait_for(drain(settings, time_budget=1.0), 30)
+                    claimed.append(summary.claimed)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+        return claimed, refusals
+
+    claimed, refusals = asyncio.run(drain_under_pressure())
+    assert refusals > 0, "Redis never got full again: the pressure phase did not test anything"
+    assert all(c > 0 for c in claimed), claimed
     asyncio.run(quiesce(settings))
     outcome = asyncio.run(collect(settings))
     outcome.check(ledger)
