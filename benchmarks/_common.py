@@ -36,7 +36,7 @@ class Mode:
 
 MODES = {
     "full": Mode("full", 5, 60_000, 6_000, 200, 1_000, 50_000, 10_000, 200_000, 100_000, 30.0, 1_000),
-    "quick": Mode("quick", 5, 12_000, 1_000, 40, 300, 5_000, 2_000, 20_000, 20_000, 8.0, 1_000),
+    "quick": Mode("quick", 5, 8_000, 600, 30, 300, 3_000, 2_000, 10_000, 20_000, 8.0, 1_000),
     # The smoke test's mode: proves every code path runs, measures nothing worth reading.
     "tiny": Mode("tiny", 1, 600, 120, 3, 20, 300, 160, 600, 500, 2.0, 200),
 }
