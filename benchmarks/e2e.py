@@ -159,6 +159,8 @@ async def _settle(database_url: str, total: int) -> dict[str, Any]:
                 )
             await asyncio.sleep(0.2)
         result = await conn.fetchrow(_LATENCY_SQL)
+        if result is None:
+            raise RuntimeError("the latency query returned no row")
         return dict(result)
     finally:
         await conn.close()

@@ -40,7 +40,7 @@ class OldDesignClient:
             "created_at": datetime.now(UTC).replace(tzinfo=None),
         }
         with self._lock:
-            raw = self._redis.get(self._key)
+            raw: bytes | None = self._redis.get(self._key)  # type: ignore[assignment]
             events: list[dict[str, Any]] = pickle.loads(raw) if raw else []
             events.append(event)
             self._redis.set(self._key, pickle.dumps(events))

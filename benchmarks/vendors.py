@@ -41,7 +41,7 @@ def no_network() -> Iterator[None]:
     def refuse(self: socket.socket, address: Any) -> None:
         raise RuntimeError(f"benchmark: a vendor SDK tried to connect to {address!r}")
 
-    socket.socket.connect = refuse  # type: ignore[method-assign]
+    socket.socket.connect = refuse  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
