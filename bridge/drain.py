@@ -15,33 +15,29 @@ Order of work:
    crash leaves in flight, the second sets insert throughput), inserted, and acked together after
    the COMMIT, in one MULTI that also writes their dead letters and counters.
 
-Failures: an event that does not decode is dead-lettered with its reason. A data error (SQLSTATE
-22/23) bisects the rows until each bad one failed alone; those are dead-lettered with SQLSTATE and
-message, the rest commit. A connection error leaves the claimed batches in flight, writes no dead
-letter, and propagates, so the task retries.
+Failures (handled by :class:`bridge._writer.BatchWriter`): an event that does not decode is
+dead-lettered with its reason. A data error (SQLSTATE 22/23) bisects the rows until each bad one
+failed alone; those are dead-lettered with SQLSTATE and message, the rest commit. A connection error
+leaves the claimed batches in flight, writes no dead letter, and propagates, so the task retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from analytics_sdk._event import Event, decode
 from analytics_sdk._queue import (
     Claim,
     QueueKeys,
-    ack,
     claim,
     dead_letter_entry,
     expired_leases,
@@ -52,15 +48,9 @@ from analytics_sdk._queue import (
 from analytics_sdk._settings import Settings
 
 from . import _failpoints
-from ._errors import (
-    ConnectionLostError,
-    is_connection_error,
-    is_data_error,
-    is_transient_conflict,
-    sqlstate_of,
-)
+from ._writer import BatchWriter, DrainSummary
 from .schema import asyncpg_dsn
-from .store import InsertResult, insert_events
+from .store import InsertResult
 
 __all__ = ["MAX_RECLAIMS", "DrainSummary", "drain"]
 
@@ -69,38 +59,11 @@ logger = logging.getLogger(__name__)
 #: A lease taken over more often than this is split event by event (its workers keep dying).
 MAX_RECLAIMS = 3
 _CONNECT_TIMEOUT = 10.0
-_CONFLICT_ATTEMPTS = 3
 _APPLICATION_NAME = "analytics-drain"
 
 
-@dataclass
-class DrainSummary:
-    """What one drain did. ``claimed`` counts every event it took (fresh claims and take-overs);
-    ``reclaimed`` the part of those taken over from expired leases; ``batches`` the leases released;
-    ``backlog`` the queue length when it stopped; ``budget_spent`` whether the time budget stopped it."""
-
-    claimed: int = 0
-    inserted: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    reclaimed: int = 0
-    batches: int = 0
-    seconds: float = 0.0
-    backlog: int = 0
-    budget_spent: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        return data
-
-
-def _before_commit() -> None:
-    _failpoints.hit("before_commit")
-
-
-class _Drain:
-    """The state of one drain call: its connections, its deadline and its running summary."""
+class _Drain(BatchWriter):
+    """One drain call: a :class:`BatchWriter` with a deadline and a claiming strategy."""
 
     def __init__(
         self,
@@ -110,13 +73,8 @@ class _Drain:
         deadline: float,
         progress: Callable[[DrainSummary], None] | None,
     ) -> None:
-        self.settings = settings
-        self.keys = QueueKeys(settings.analytics_key_prefix)
-        self.redis = redis
-        self.conn = conn
+        super().__init__(settings, redis, conn, progress)
         self.deadline = deadline
-        self.progress = progress
-        self.summary = DrainSummary()
 
     def out_of_time(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -158,7 +116,7 @@ class _Drain:
                 dead_letter_entry(raw, reason, stage="reclaim", reclaims=taken.reclaims)
                 for raw in taken.items
             ]
-            await self._ack([taken], dead, InsertResult(0, 0))
+            await self.ack([taken], dead, InsertResult(0, 0))
             return
         parts = [(uuid.uuid4().hex, [raw]) for raw in taken.items]
         await split_lease(self.redis, self.keys, taken.batch_id, parts)
@@ -177,143 +135,49 @@ class _Drain:
     # -- fresh claims ---------------------------------------------------------------------------
 
     async def claim_fresh(self) -> None:
+        """Claim, decode, insert, ack until the queue is empty or the budget is spent.
+
+        Pipelined by one group: while group k is in PostgreSQL (its COPY, INSERT and COMMIT run in
+        the server's process), group k+1 is claimed and decoded here, so decoding and the database
+        work overlap instead of adding up. At most two groups are in flight at any time.
+        """
+        pending: asyncio.Task[None] | None = None
+        try:
+            while True:
+                claims, exhausted = await self._claim_group()
+                if claims:
+                    _failpoints.hit("after_claim")
+                    decoded = await self.decode_yielding(claims)
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.create_task(self.store(claims, decoded))
+                if exhausted:
+                    break
+                if self.out_of_time():
+                    self.summary.budget_spent = True
+                    break
+            if pending is not None:
+                await pending
+        finally:
+            if pending is not None and not pending.done():
+                # Claiming failed while a group was in the database: let that group commit and ack.
+                with contextlib.suppress(BaseException):
+                    await pending
+
+    async def _claim_group(self) -> tuple[list[Claim], bool]:
+        """Claims of ``analytics_batch_size`` until a transaction's worth of rows; True if drained."""
         size = self.settings.analytics_batch_size
         per_transaction = max(size, self.settings.analytics_insert_batch_size)
-        while True:
-            claims: list[Claim] = []
-            rows = 0
-            exhausted = False
-            while rows < per_transaction:
-                taken = await claim(self.redis, self.keys, size, uuid.uuid4().hex)
-                if taken.items:
-                    claims.append(taken)
-                    rows += len(taken.items)
-                if len(taken.items) < size:
-                    exhausted = True
-                    break
-            if claims:
-                await self.process(claims)
-            if exhausted:
-                return
-            if self.out_of_time():
-                self.summary.budget_spent = True
-                return
-
-    # -- one unit of work -----------------------------------------------------------------------
-
-    async def process(self, claims: Sequence[Claim]) -> None:
-        """Decode, insert and ack ``claims``; on a connection error leave them in flight and raise."""
-        try:
-            _failpoints.hit("after_claim")
-            events, raws, dead = self._decode(claims)
-            result = InsertResult(0, 0)
-            if events:
-                _failpoints.crash_on_event(e.event_id for e in events)
-                step = self.settings.analytics_insert_batch_size
-                for start in range(0, len(events), step):
-                    part = await self._insert_bisect(
-                        events[start : start + step], raws[start : start + step], dead
-                    )
-                    result = InsertResult(
-                        result.inserted + part.inserted, result.duplicates + part.duplicates
-                    )
-            _failpoints.hit("after_commit")
-        except Exception as exc:
-            lost = not is_connection_error(exc) and await self._postgres_lost()
-            if lost or is_connection_error(exc):
-                # An outage is not the events' fault: do not let it count towards the poison limit.
-                with contextlib.suppress(Exception):
-                    await self.redis.hdel(self.keys.reclaims, *(c.batch_id for c in claims))
-            if lost:
-                raise ConnectionLostError(f"PostgreSQL connection lost: {type(exc).__name__}: {exc}") from exc
-            raise
-        await self._ack(claims, dead, result)
-
-    async def _postgres_lost(self) -> bool:
-        """After an unclassified error: is the session gone? asyncpg can report a session the server
-        terminated while it sat idle as an InternalClientError ("another operation is in progress")."""
-        if self.conn.is_closed():
-            return True
-        try:
-            await asyncio.wait_for(self.conn.fetchval("SELECT 1"), 5)
-        except Exception:
-            return True
-        return False
-
-    def _decode(self, claims: Sequence[Claim]) -> tuple[list[Event], list[bytes], list[bytes]]:
-        limit = self.settings.analytics_max_metadata_bytes
-        events: list[Event] = []
-        raws: list[bytes] = []
-        dead: list[bytes] = []
-        for taken in claims:
-            for raw in taken.items:
-                try:
-                    events.append(decode(raw, max_metadata_bytes=limit))
-                except Exception as exc:  # ValidationError, or a decoder bug: never block the rest
-                    field = getattr(exc, "field", None)
-                    error = str(exc) if field else f"{type(exc).__name__}: {exc}"
-                    dead.append(dead_letter_entry(raw, error, stage="decode", field=field))
-                else:
-                    raws.append(raw)
-        return events, raws, dead
-
-    async def _insert(self, events: Sequence[Event]) -> InsertResult:
-        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
-            try:
-                return await insert_events(self.conn, events, before_commit=_before_commit)
-            except asyncpg.PostgresError as exc:
-                # Two drains inserting the same redelivered events can deadlock on the unique index.
-                if not is_transient_conflict(exc) or attempt == _CONFLICT_ATTEMPTS:
-                    raise
-                logger.info("insert of %s rows hit %s; running it again", len(events), exc.sqlstate)
-        raise AssertionError("unreachable")
-
-    async def _insert_bisect(
-        self, events: Sequence[Event], raws: Sequence[bytes], dead: list[bytes]
-    ) -> InsertResult:
-        try:
-            return await self._insert(events)
-        except Exception as exc:
-            if not is_data_error(exc):
-                raise
-            if len(events) == 1:
-                dead.append(
-                    dead_letter_entry(
-                        raws[0],
-                        f"{type(exc).__name__}: {exc}",
-                        stage="insert",
-                        sqlstate=sqlstate_of(exc),
-                        event_id=events[0].event_id,
-                    )
-                )
-                return InsertResult(0, 0)
-        middle = len(events) // 2
-        left = await self._insert_bisect(events[:middle], raws[:middle], dead)
-        right = await self._insert_bisect(events[middle:], raws[middle:], dead)
-        return InsertResult(left.inserted + right.inserted, left.duplicates + right.duplicates)
-
-    async def _ack(self, claims: Sequence[Claim], dead: list[bytes], result: InsertResult) -> None:
-        claimed = sum(len(c.items) for c in claims)
-        stats = {
-            "claimed": claimed,
-            "inserted": result.inserted,
-            "duplicates": result.duplicates,
-            "dead": len(dead),
-        }
-        await ack(self.redis, self.keys, [c.batch_id for c in claims], dead_letters=dead, stats=stats)
-        summary = self.summary
-        summary.claimed += claimed
-        summary.inserted += result.inserted
-        summary.duplicates += result.duplicates
-        summary.dead_lettered += len(dead)
-        summary.batches += len(claims)
-        if dead:
-            for entry in dead[:3]:
-                logger.warning("dead-lettered to %s: %s", self.keys.dead, entry.decode()[:500])
-            if len(dead) > 3:
-                logger.warning("dead-lettered %s more event(s) to %s", len(dead) - 3, self.keys.dead)
-        if self.progress is not None:
-            self.progress(dataclasses.replace(summary))
+        claims: list[Claim] = []
+        rows = 0
+        while rows < per_transaction:
+            taken = await claim(self.redis, self.keys, size, uuid.uuid4().hex)
+            if taken.items:
+                claims.append(taken)
+                rows += len(taken.items)
+            if len(taken.items) < size:
+                return claims, True
+        return claims, False
 
 
 async def _close(conn: asyncpg.Connection[Any]) -> None:

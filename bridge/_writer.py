@@ -1,0 +1,221 @@
+"""One unit of the drain's work: decode claimed items, insert them, ack the claims.
+
+:class:`BatchWriter` holds a drain's Redis client, PostgreSQL connection and running
+:class:`DrainSummary`; :mod:`bridge.drain` decides what to claim and when to stop.
+
+- An item that does not decode is dead-lettered with its reason (``stage: decode``).
+- A data error (SQLSTATE 22/23) bisects the rows until each bad one failed alone; those are
+  dead-lettered with SQLSTATE and message (``stage: insert``), the rest commit.
+- A connection error leaves the claims in flight, writes no dead letter and propagates.
+- The ack (dead letters, counters, release of every claim) runs only after the COMMIT, in one MULTI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from analytics_sdk._event import Event, decode
+from analytics_sdk._queue import Claim, QueueKeys, ack, dead_letter_entry
+from analytics_sdk._settings import Settings
+
+from . import _failpoints
+from ._errors import (
+    ConnectionLostError,
+    is_connection_error,
+    is_data_error,
+    is_transient_conflict,
+    sqlstate_of,
+)
+from .store import InsertResult, insert_events
+
+__all__ = ["BatchWriter", "DrainSummary"]
+
+logger = logging.getLogger(__name__)
+
+_CONFLICT_ATTEMPTS = 3
+
+
+@dataclass
+class DrainSummary:
+    """What one drain did. ``claimed`` counts every event it took (fresh claims and take-overs);
+    ``reclaimed`` the part of those taken over from expired leases; ``batches`` the leases released;
+    ``backlog`` the queue length when it stopped; ``budget_spent`` whether the time budget stopped it."""
+
+    claimed: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    backlog: int = 0
+    budget_spent: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+# (events that decoded, their raw payloads, dead-letter entries for those that did not)
+_Decoded = tuple[list[Event], list[bytes], list[bytes]]
+
+
+def _before_commit() -> None:
+    _failpoints.hit("before_commit")
+
+
+class BatchWriter:
+    """Decode, insert and ack claims over one drain's connections, counting into ``summary``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        conn: asyncpg.Connection[Any],
+        progress: Callable[[DrainSummary], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = QueueKeys(settings.analytics_key_prefix)
+        self.redis = redis
+        self.conn = conn
+        self.progress = progress
+        self.summary = DrainSummary()
+
+    async def process(self, claims: Sequence[Claim]) -> None:
+        """Decode, insert and ack ``claims``; on a connection error leave them in flight and raise."""
+        _failpoints.hit("after_claim")
+        await self.store(claims, self.decode(claims))
+
+    async def decode_yielding(self, claims: Sequence[Claim]) -> _Decoded:
+        events: list[Event] = []
+        raws: list[bytes] = []
+        dead: list[bytes] = []
+        for taken in claims:
+            part = self.decode([taken])
+            events += part[0]
+            raws += part[1]
+            dead += part[2]
+            await asyncio.sleep(0)  # let the group in the database send its next command
+        return events, raws, dead
+
+    async def store(self, claims: Sequence[Claim], decoded: _Decoded) -> None:
+        events, raws, dead = decoded
+        try:
+            result = InsertResult(0, 0)
+            if events:
+                _failpoints.crash_on_event(e.event_id for e in events)
+                step = self.settings.analytics_insert_batch_size
+                for start in range(0, len(events), step):
+                    part = await self._insert_bisect(
+                        events[start : start + step], raws[start : start + step], dead
+                    )
+                    result = InsertResult(
+                        result.inserted + part.inserted, result.duplicates + part.duplicates
+                    )
+            _failpoints.hit("after_commit")
+        except Exception as exc:
+            lost = not is_connection_error(exc) and await self._postgres_lost()
+            if lost or is_connection_error(exc):
+                # An outage is not the events' fault: do not let it count towards the poison limit.
+                with contextlib.suppress(Exception):
+                    await self.redis.hdel(self.keys.reclaims, *(c.batch_id for c in claims))
+            if lost:
+                raise ConnectionLostError(f"PostgreSQL connection lost: {type(exc).__name__}: {exc}") from exc
+            raise
+        await self.ack(claims, dead, result)
+
+    async def _postgres_lost(self) -> bool:
+        """After an unclassified error: is the session gone? asyncpg can report a session the server
+        terminated while it sat idle as an InternalClientError ("another operation is in progress")."""
+        if self.conn.is_closed():
+            return True
+        try:
+            await asyncio.wait_for(self.conn.fetchval("SELECT 1"), 5)
+        except Exception:
+            return True
+        return False
+
+    def decode(self, claims: Sequence[Claim]) -> _Decoded:
+        limit = self.settings.analytics_max_metadata_bytes
+        events: list[Event] = []
+        raws: list[bytes] = []
+        dead: list[bytes] = []
+        for taken in claims:
+            for raw in taken.items:
+                try:
+                    events.append(decode(raw, max_metadata_bytes=limit))
+                except Exception as exc:  # ValidationError, or a decoder bug: never block the rest
+                    field = getattr(exc, "field", None)
+                    error = str(exc) if field else f"{type(exc).__name__}: {exc}"
+                    dead.append(dead_letter_entry(raw, error, stage="decode", field=field))
+                else:
+                    raws.append(raw)
+        return events, raws, dead
+
+    async def _insert(self, events: Sequence[Event]) -> InsertResult:
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                return await insert_events(self.conn, events, before_commit=_before_commit)
+            except asyncpg.PostgresError as exc:
+                # Two drains inserting the same redelivered events can deadlock on the unique index.
+                if not is_transient_conflict(exc) or attempt == _CONFLICT_ATTEMPTS:
+                    raise
+                logger.info("insert of %s rows hit %s; running it again", len(events), exc.sqlstate)
+        raise AssertionError("unreachable")
+
+    async def _insert_bisect(
+        self, events: Sequence[Event], raws: Sequence[bytes], dead: list[bytes]
+    ) -> InsertResult:
+        try:
+            return await self._insert(events)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if len(events) == 1:
+                dead.append(
+                    dead_letter_entry(
+                        raws[0],
+                        f"{type(exc).__name__}: {exc}",
+                        stage="insert",
+                        sqlstate=sqlstate_of(exc),
+                        event_id=events[0].event_id,
+                    )
+                )
+                return InsertResult(0, 0)
+        middle = len(events) // 2
+        left = await self._insert_bisect(events[:middle], raws[:middle], dead)
+        right = await self._insert_bisect(events[middle:], raws[middle:], dead)
+        return InsertResult(left.inserted + right.inserted, left.duplicates + right.duplicates)
+
+    async def ack(self, claims: Sequence[Claim], dead: list[bytes], result: InsertResult) -> None:
+        claimed = sum(len(c.items) for c in claims)
+        stats = {
+            "claimed": claimed,
+            "inserted": result.inserted,
+            "duplicates": result.duplicates,
+            "dead": len(dead),
+        }
+        await ack(self.redis, self.keys, [c.batch_id for c in claims], dead_letters=dead, stats=stats)
+        summary = self.summary
+        summary.claimed += claimed
+        summary.inserted += result.inserted
+        summary.duplicates += result.duplicates
+        summary.dead_lettered += len(dead)
+        summary.batches += len(claims)
+        if dead:
+            for entry in dead[:3]:
+                logger.warning("dead-lettered to %s: %s", self.keys.dead, entry.decode()[:500])
+            if len(dead) > 3:
+                logger.warning("dead-lettered %s more event(s) to %s", len(dead) - 3, self.keys.dead)
+        if self.progress is not None:
+            self.progress(dataclasses.replace(summary))
