@@ -259,27 +259,52 @@ async def ack(
     await client.eval(_ACK, len(script_keys), *script_keys, *args)
 
 
+# allow-oom for the same reason as _ACK: the poison split must run when Redis is full. It moves items
+# between lists (no net growth) and the old lease goes last, so a failure leaves it to be retried.
+_SPLIT = """#!lua flags=allow-oom
+local n_parts = tonumber(ARGV[3])
+local at = 4
+for part = 1, n_parts do
+  local count = tonumber(ARGV[at + 1])
+  for i = at + 2, at + 1 + count, 500 do
+    redis.call('RPUSH', KEYS[3 + part], unpack(ARGV, i, math.min(i + 499, at + 1 + count)))
+  end
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[at])
+  at = at + 2 + count
+end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return n_parts
+"""
+
+
 async def split_lease(
     client: aioredis.Redis, keys: QueueKeys, batch_id: str, parts: Sequence[tuple[str, Sequence[bytes]]]
 ) -> None:
-    """Replace the lease ``batch_id`` by one new lease per ``(new_batch_id, items)``, in one MULTI.
+    """Replace the lease ``batch_id`` by one new lease per ``(new_batch_id, items)``, atomically.
 
     The drain splits a batch that keeps killing its worker (a poison event) into leases it can try
     one at a time; a crash while one of them is processed then incriminates only that one. The
-    caller holds the lease (it just took it over), so nobody else is reading the old list.
+    caller holds the lease (it just took it over), so nobody else is reading the old list. One
+    allow-oom script (see ``_SPLIT``); parts without items get no lease.
     """
-    now = _now_ms()
-    async with client.pipeline(transaction=True) as pipe:
-        for new_id, items in parts:
-            if items:
-                pipe.rpush(keys.inflight(new_id), *items)
-                pipe.zadd(keys.leases, {new_id: now})
-        pipe.delete(keys.inflight(batch_id))
-        pipe.zrem(keys.leases, batch_id)
-        pipe.hdel(keys.reclaims, batch_id)
-        await pipe.execute()
+    kept = [(new_id, items) for new_id, items in parts if items]
+    args: list[bytes | str | int] = [batch_id, _now_ms(), len(kept)]
+    for new_id, items in kept:
+        args += [new_id, len(items), *items]
+    script_keys = [keys.leases, keys.reclaims, keys.inflight(batch_id), *(keys.inflight(n) for n, _ in kept)]
+    await client.eval(_SPLIT, len(script_keys), *script_keys, *args)
+
+
+_SET_RECLAIMS = """#!lua flags=allow-oom
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+"""
 
 
 async def set_reclaims(client: aioredis.Redis, keys: QueueKeys, batch_id: str, count: int) -> None:
-    """Set the take-over count of a lease (the drain marks the split lease it is about to try)."""
-    await client.hset(keys.reclaims, batch_id, count)
+    """Set the take-over count of a lease (the drain marks the split lease it is about to try).
+
+    A script only for allow-oom: a plain HSET is refused when Redis is at maxmemory.
+    """
+    await client.eval(_SET_RECLAIMS, 1, keys.reclaims, batch_id, count)

@@ -22,6 +22,8 @@ from analytics_sdk._queue import (
     dead_letter_entry,
     expired_leases,
     push,
+    set_reclaims,
+    split_lease,
     take_over,
 )
 
@@ -349,6 +351,40 @@ async def test_ack_of_several_batches(redis_client: aioredis.Redis, keys: QueueK
     assert await redis_client.hget(keys.stats, "claimed") == b"1800"
     assert await redis_client.llen(keys.queue) == 200
     await ack(redis_client, keys, [], stats={})  # nothing to release: a no-op, not an error
+
+
+async def test_split_lease(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    await push(redis_client, keys, payloads(0, 1203), cap=10_000)
+    await claim(redis_client, keys, 1203, "poison")
+    await redis_client.hset(keys.reclaims, "poison", 3)
+    parts = [("p1", payloads(0, 1)), ("p2", payloads(1, 2)), ("empty", []), ("rest", payloads(2, 1203))]
+    await split_lease(redis_client, keys, "poison", parts)
+    assert not await redis_client.exists(keys.inflight("poison"))
+    assert not await redis_client.hexists(keys.reclaims, "poison")
+    leases = {member.decode() for member in await redis_client.zrange(keys.leases, 0, -1)}
+    assert leases == {"p1", "p2", "rest"}, "no lease for an empty part, none left for the old batch"
+    assert await redis_client.lrange(keys.inflight("p2"), 0, -1) == payloads(1, 2)
+    assert await redis_client.lrange(keys.inflight("rest"), 0, -1) == payloads(2, 1203)
+    await set_reclaims(redis_client, keys, "p1", 5)
+    assert await redis_client.hget(keys.reclaims, "p1") == b"5"
+
+
+async def test_split_and_mark_run_under_oom(tmp_path: Path) -> None:
+    with start_redis(tmp_path, "--maxmemory-policy", "noeviction") as srv:
+        client = aioredis.Redis.from_url(srv.url)
+        try:
+            keys = QueueKeys("oom")
+            await push(client, keys, [b"x" * 10_000] * 200, cap=1_000_000)
+            await claim(client, keys, 10, "b")
+            await client.config_set("maxmemory", int((await client.info("memory"))["used_memory"]) // 2)
+            with pytest.raises(OutOfMemoryError):
+                await client.hset(keys.reclaims, "b", 1)
+            await split_lease(client, keys, "b", [("b1", [b"x" * 10_000] * 5), ("b2", [b"x" * 10_000] * 5)])
+            await set_reclaims(client, keys, "b1", 9)
+            assert await client.llen(keys.inflight("b2")) == 5
+            assert await client.hget(keys.reclaims, "b1") == b"9"
+        finally:
+            await client.aclose()
 
 
 def test_dead_letter_entry() -> None:
