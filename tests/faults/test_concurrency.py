@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from helpers import wait_for_sync
 
 from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
@@ -43,11 +45,19 @@ def _assert_disjoint(final_stats: dict[str, str], ledger: Ledger) -> None:
 
 @pytest.mark.timeout(180)
 def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fleet: Fleet) -> None:
-    settings = fault_settings.replace(analytics_flush_interval=1.0, analytics_batch_size=100)
-    ledger = seed(settings, 20_000)
+    # 100 rows per transaction: the drain takes a few seconds, long enough for everyone to overlap.
+    settings = fault_settings.replace(
+        analytics_flush_interval=1.0, analytics_batch_size=100, analytics_insert_batch_size=100
+    )
+    ledger = seed(settings, 30_000)
     worker = fleet.worker(settings, concurrency=2)
-    # The very same task message twice (same id, as a broker redelivery or a double send would do),
-    # sent back to back so both pool processes drain at once.
+    # Two beats: the schedule doubled, as the design warns against. Both must be ticking before the
+    # duplicated task goes out, so beat ticks and both deliveries race over the same queue.
+    beats = [fleet.beat(settings, name="beat-a"), fleet.beat(settings, name="beat-b")]
+    wait_for_sync(
+        lambda: all(b.count(r"Sending due task") >= 1 for b in beats), timeout=30, message="both beats tick"
+    )
+    # The very same task message twice (same id, as a broker redelivery or a double send would do).
     app = Celery("faults-09", broker=settings.broker_dsn, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
     task_id = str(uuid.uuid4())
@@ -56,16 +66,19 @@ def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fl
             app.send_task(FLUSH_TASK, queue=FLUSH_QUEUE, task_id=task_id)
     finally:
         app.close()
-    fleet.beat(settings, name="beat-a")
-    fleet.beat(settings, name="beat-b")  # two beats: the schedule doubled, as the design warns
-    drive_until(
+    wait_for_sync(
         lambda: backlog(settings) == (0, 0) and worker.count(SUCCEEDED.format(task_id)) == 2,
-        lambda: None,
         timeout=120,
         message="both deliveries ran and the queue is empty",
     )
-    wait_beats = worker.count(r"flush_analytics_events\[[^\]]+\] received")
-    assert wait_beats >= 3, "the beats sent nothing"
+    # Both pool processes really drained (claimed something), so the claims had to be disjoint.
+    drained_by = {
+        pool
+        for pool, claimed in re.findall(r"ForkPoolWorker-(\d+)\] drained \S+: claimed=(\d+)", worker.log())
+        if int(claimed) > 0
+    }
+    assert len(drained_by) == 2, worker.log()[-3000:]
+    assert worker.count(r"flush_analytics_events\[[^\]]+\] received") >= 4  # 2 deliveries + beat ticks
     _assert_disjoint(_settle(settings, fleet, ledger), ledger)
     assert rows(settings) == len(ledger.accepted)
 

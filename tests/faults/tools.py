@@ -18,7 +18,17 @@ from analytics_sdk._queue import QueueKeys
 
 from .ledger import Ledger
 
-__all__ = ["TableLock", "backlog", "db_fetchval", "drive_until", "lock_waiters", "rows", "seed", "stats"]
+__all__ = [
+    "TableLock",
+    "backlog",
+    "db_fetchval",
+    "drive_until",
+    "in_flight",
+    "lock_waiters",
+    "rows",
+    "seed",
+    "stats",
+]
 
 
 def seed(settings: Settings, count: int, *, chunk: int = 1_000, event_type: str = "seed") -> Ledger:
@@ -72,6 +82,13 @@ def backlog(settings: Settings) -> tuple[int, int]:
     keys = QueueKeys(settings.analytics_key_prefix)
     with redis.Redis.from_url(settings.redis_dsn, socket_timeout=5) as r:
         return int(r.llen(keys.queue)), int(r.zcard(keys.leases))
+
+
+def in_flight(settings: Settings) -> int:
+    """Events held in the in-flight lists of all current leases."""
+    keys = QueueKeys(settings.analytics_key_prefix)
+    with redis.Redis.from_url(settings.redis_dsn, socket_timeout=5) as r:
+        return sum(int(r.llen(keys.inflight(b.decode()))) for b in r.zrange(keys.leases, 0, -1))
 
 
 def stats(settings: Settings) -> dict[str, str]:
