@@ -8,8 +8,10 @@ Contenders, run interleaved inside each repeat so that machine noise hits them a
 - old design: :mod:`benchmarks.old_design` (pickled list under a threading.Lock, batch size 100);
 - Segment and PostHog: :mod:`benchmarks.vendors` (in-memory per-call cost, one thread).
 
-Two diagnostic rows split our cost: the group commit carrying pre-encoded events at 256 callers
-(transport only, no validation) and validate+encode alone in a loop (CPU only, no I/O).
+Three diagnostic rows split our cost: the asyncio floor at 256 callers (each awaits its own future,
+resolved in batches by one task, with no I/O and no validation: what the one-future-per-caller shape
+costs by itself), the group commit carrying pre-encoded events at 256 callers (transport only, no
+validation) and validate+encode alone in a loop (CPU only, no I/O).
 """
 
 from __future__ import annotations
@@ -83,6 +85,30 @@ async def _round_trip(client: aioredis.Redis, keys: QueueKeys, samples: int, cap
     return Run(samples, clock() - start, latencies)
 
 
+class _Floor:
+    """The asyncio floor: a future per caller, resolved in batches by one task; no I/O at all."""
+
+    def __init__(self) -> None:
+        self.waiting: list[asyncio.Future[None]] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def call(self) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self.waiting.append(future)
+        if self.flusher is None:
+            self.flusher = loop.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, []
+            await asyncio.sleep(0)  # where the round trip would be
+            for future in batch:
+                future.set_result(None)
+        self.flusher = None
+
+
 def _cpu_only(calls: int, limit: int) -> Run:
     clock = time.perf_counter
     start = clock()
@@ -152,6 +178,7 @@ async def _measure(ctx: Context) -> dict[str, Any]:
                 keep(f"old/{callers}", await run_callers(old_call, slow, callers), timed)
             keep("transport/256", await run_callers(transport_call, mode.track_events // scale, 256), timed)
             keep("cpu", _cpu_only(mode.vendor_calls // scale, limit), timed)
+            keep("floor/256", await run_callers(_Floor().call, mode.track_events // scale, 256), timed)
             keep("segment", segment.run(mode.vendor_calls // scale), timed)
             keep("posthog", posthog.run(mode.vendor_calls // scale), timed)
             if timed:
@@ -201,6 +228,17 @@ def run(ctx: Context) -> Section:
         ["1", "raw pipeline round trip", fmt_rate(rtt.rate), fmt_ms(rtt.p50), fmt_ms(rtt.p99), ""]
     )
     transport, cpu = s["transport/256"], s["cpu"]
+    floor = s["floor/256"]
+    section.rows.append(
+        [
+            "256",
+            "diag: asyncio floor (future per caller, no I/O)",
+            fmt_rate(floor.rate),
+            fmt_ms(floor.p50),
+            fmt_ms(floor.p99),
+            fmt_ratio(ours256.rate / floor.rate),
+        ]
+    )
     section.rows.append(
         [
             "256",
