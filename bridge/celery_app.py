@@ -59,6 +59,12 @@ app.conf.update(
     # its worker does not turn into a redelivery loop of the task itself.
     task_acks_late=True,
     task_reject_on_worker_lost=False,
+    # When the broker connection drops, end the running drain at once (it is safe: its batches stay
+    # leased and are reclaimed). Left running, its result waits unread while the consumer blocks in
+    # reconnecting; past the soft time limit billiard then sends SIGUSR1 to a child that already
+    # finished, which corrupts the result pipe ("Unrecoverable error: UnicodeDecodeError") and
+    # stops the worker for good. Fault scenario 7 (Redis restarted under a worker) caught it.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
     worker_prefetch_multiplier=1,
     task_time_limit=settings.analytics_task_time_limit,
     task_soft_time_limit=settings.analytics_task_soft_time_limit,
