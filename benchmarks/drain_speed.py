@@ -54,17 +54,19 @@ UA = "Mozilla/5.0 (X11; Linux x86_64; rv:127.0) Gecko/20100101 Firefox/127.0"
 
 
 def make_events(count: int) -> list[Event]:
+    """Events in sessions of 20 (a visitor's clicks arrive together), one IP address per session:
+    10,000 distinct addresses per 200,000 events, as bursty as real traffic, not all unique."""
     start = datetime.now(UTC) - timedelta(hours=1)
     return [
         validate(
             {
                 "event_type": ("page_view", "click", "purchase")[i % 3],
-                "user_id": str(i % 5000),
-                "session_id": f"s-{i % 20000}",
+                "user_id": str(i // 80),
+                "session_id": f"s-{i // 20}",
                 "entity_type": "article",
                 "entity_id": str(i % 700),
                 "event_metadata": {"path": f"/a/{i % 700}", "scroll": 0.5, "load_ms": i % 2000},
-                "ip_address": f"10.{i % 256}.{(i // 256) % 256}.{i % 200 + 1}",
+                "ip_address": f"10.{(i // 20) % 256}.{(i // 5120) % 256}.{(i // 20) % 200 + 1}",
                 "user_agent": UA,
                 "referrer": "https://example.com/",
                 "created_at": start + timedelta(milliseconds=i),

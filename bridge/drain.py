@@ -194,7 +194,12 @@ async def drain(
     progress: Callable[[DrainSummary], None] | None = None,
 ) -> DrainSummary:
     """Drain the queue of ``settings`` into PostgreSQL until it is empty or ``time_budget`` seconds
-    (default ``analytics_drain_time_budget``) are spent; ``progress`` is called after every ack."""
+    (default ``analytics_drain_time_budget``) are spent; ``progress`` is called after every ack.
+
+    The budget is checked between transactions, so even a budget of 0 moves one transaction's worth
+    (``analytics_insert_batch_size`` rows) before stopping. With nothing queued and no lease expired,
+    PostgreSQL is not even connected to. Connection-class errors propagate after the claimed batches
+    were left in flight (see :func:`bridge._errors.is_connection_error`)."""
     started = time.monotonic()
     budget = settings.analytics_drain_time_budget if time_budget is None else time_budget
     keys = QueueKeys(settings.analytics_key_prefix)
