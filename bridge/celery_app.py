@@ -11,6 +11,7 @@ timeout (after which another drain takes a batch over) must exceed the task's ha
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from celery import Celery
@@ -20,6 +21,8 @@ from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings, env_name
 
 __all__ = ["app", "check_time_limits", "settings"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_time_limits(settings: Settings) -> None:
@@ -42,6 +45,16 @@ def check_time_limits(settings: Settings) -> None:
 
 settings = Settings.from_env()
 check_time_limits(settings)
+if settings.analytics_drain_time_budget >= settings.analytics_task_soft_time_limit:
+    # Not fatal (the claim/ack protocol keeps every event), but drains will be cut by the soft limit
+    # instead of stopping cleanly between transactions and re-sending themselves.
+    logger.warning(
+        "%s=%s is not below %s=%s: long drains will hit the soft time limit",
+        env_name("analytics_drain_time_budget"),
+        settings.analytics_drain_time_budget,
+        env_name("analytics_task_soft_time_limit"),
+        settings.analytics_task_soft_time_limit,
+    )
 
 app = Celery("bridge", broker=settings.broker_dsn, include=["bridge.tasks"])
 app.conf.update(
