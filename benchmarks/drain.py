@@ -40,8 +40,19 @@ _INSERT = (
 
 
 def _events(count: int) -> list[Event]:
+    """Sessions of 20 events, each session with its own user and address (documentation ranges)."""
+    nets = ("192.0.2", "198.51.100", "203.0.113")
     return [
-        validate({"event_type": EVENT_TYPE, **FIELDS, "user_id": f"user-{i % 5000}", "entity_id": str(i)})
+        validate(
+            {
+                "event_type": EVENT_TYPE,
+                **FIELDS,
+                "user_id": f"user-{i // 20 % 5000}",
+                "session_id": f"sess-{i // 20}",
+                "entity_id": str(i),
+                "ip_address": f"{nets[i // 20 % 3]}.{i // 60 % 254 + 1}",
+            }
+        )
         for i in range(count)
     ]
 

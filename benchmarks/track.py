@@ -2,7 +2,8 @@
 
 Contenders, run interleaved inside each repeat so that machine noise hits them alike:
 - ceiling: raw ``MULTI; RPUSH <1,000 pre-encoded events>; LTRIM; EXEC`` through redis.asyncio;
-- raw round trip: the same MULTI with one pre-encoded event, one at a time (one caller's floor);
+- raw round trip: the same MULTI with one pre-encoded event, one at a time (one caller's floor),
+  measured alternately with a lone track() in chunks of 50 for the one-caller latency check;
 - naive: the same validation and encoding as ours, then one MULTI per event (a blocking pool of
   up to 256 connections: redis.asyncio's default pool refuses more than 100);
 - old design: :mod:`benchmarks.old_design` (pickled list under a threading.Lock, batch size 100);
