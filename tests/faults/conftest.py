@@ -22,13 +22,6 @@ from .servers import PostgresServer, RedisServer, start_postgres, start_redis
 from .workers import CeleryProcess, settings_env, start_beat, start_worker
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.faults)
-
-
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresServer]:
     server = start_postgres()
