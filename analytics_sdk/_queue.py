@@ -297,6 +297,24 @@ async def split_lease(
     await client.eval(_SPLIT, len(script_keys), *script_keys, *args)
 
 
+_EXPIRE = """#!lua flags=allow-oom
+for i, batch_id in ipairs(ARGV) do
+  redis.call('ZADD', KEYS[1], 'XX', 0, batch_id)
+  redis.call('HDEL', KEYS[2], batch_id)
+end
+return #ARGV
+"""
+
+
+async def expire_leases(client: aioredis.Redis, keys: QueueKeys, batch_ids: Sequence[str]) -> None:
+    """Make leases expired now and forget their take-over counts: for batches a drain could not
+    store through no fault of theirs (PostgreSQL down, table missing), so that the next drain
+    retries them at once instead of after the visibility timeout, and the outage never counts
+    towards the poison limit. The items stay in flight throughout."""
+    if batch_ids:
+        await client.eval(_EXPIRE, 2, keys.leases, keys.reclaims, *batch_ids)
+
+
 _SET_RECLAIMS = """#!lua flags=allow-oom
 return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 """

@@ -9,8 +9,13 @@ The two call for opposite handling, so the classification lives in one place:
   dropped socket, a timeout, Redis unreachable) says nothing about the rows: the batch stays in flight,
   nothing is dead-lettered and the task is retried.
 
-Anything else (a missing table, a permission error, a bug) is neither: it propagates, the task fails
-without retry, and the batch waits in flight for the visibility timeout.
+An **environment error** (a missing table or column, bad credentials, a missing database: SQLSTATE
+classes 42, 28, 3D, 3F) is not the rows' fault either, but waiting a few seconds will not fix it: the
+batch stays in flight, released for the next drain, and the task fails without retry until an operator
+runs ``migrate`` or fixes the credentials.
+
+Anything else (a bug) propagates; the batch waits in flight for the visibility timeout, and a batch
+that keeps failing is eventually split and its culprit dead-lettered (no poison loop).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "ConnectionLostError",
     "is_connection_error",
     "is_data_error",
+    "is_environment_error",
     "is_transient_conflict",
     "sqlstate_of",
 ]
@@ -51,6 +57,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 # Operator intervention and resource exhaustion that end or refuse the session; class 08 is tested
 # by prefix. 57014 (query_canceled, e.g. statement_timeout) is a timeout: retry.
 _RETRYABLE_STATES = frozenset({"57P01", "57P02", "57P03", "57014", "53300", "53000"})
+# 42 syntax error or access rule violation (undefined table/column), 28 invalid authorization,
+# 3D invalid catalog (database) name, 3F invalid schema name.
+_ENVIRONMENT_CLASSES = frozenset({"42", "28", "3D", "3F"})
 # Two drains inserting overlapping event_ids (a redelivered batch) can deadlock on the unique index;
 # running the transaction again resolves it.
 _CONFLICT_STATES = frozenset({"40001", "40P01"})
@@ -80,6 +89,11 @@ def is_connection_error(exc: BaseException) -> bool:
         # asyncpg says "connection is closed" / "connection was closed in the middle of operation"
         return "closed" in str(exc)
     return isinstance(exc, CONNECTION_ERRORS)
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True when the database is not set up for us (schema, credentials, database, search path)."""
+    return isinstance(exc, asyncpg.PostgresError) and (sqlstate_of(exc) or "")[:2] in _ENVIRONMENT_CLASSES
 
 
 def is_transient_conflict(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from analytics_sdk._event import Event, decode
-from analytics_sdk._queue import Claim, QueueKeys, ack, dead_letter_entry
+from analytics_sdk._queue import Claim, QueueKeys, ack, dead_letter_entry, expire_leases
 from analytics_sdk._settings import Settings
 
 from . import _failpoints
@@ -32,6 +32,7 @@ from ._errors import (
     ConnectionLostError,
     is_connection_error,
     is_data_error,
+    is_environment_error,
     is_transient_conflict,
     sqlstate_of,
 )
@@ -125,10 +126,11 @@ class BatchWriter:
             _failpoints.hit("after_commit")
         except Exception as exc:
             lost = not is_connection_error(exc) and await self._postgres_lost()
-            if lost or is_connection_error(exc):
-                # An outage is not the events' fault: do not let it count towards the poison limit.
+            if lost or is_connection_error(exc) or is_environment_error(exc):
+                # Not the events' fault: keep them in flight but release them for the next drain
+                # now, and do not let the outage count towards the poison limit.
                 with contextlib.suppress(Exception):
-                    await self.redis.hdel(self.keys.reclaims, *(c.batch_id for c in claims))
+                    await expire_leases(self.redis, self.keys, [c.batch_id for c in claims])
             if lost:
                 raise ConnectionLostError(f"PostgreSQL connection lost: {type(exc).__name__}: {exc}") from exc
             raise

@@ -40,6 +40,7 @@ from analytics_sdk._queue import (
     QueueKeys,
     claim,
     dead_letter_entry,
+    expire_leases,
     expired_leases,
     set_reclaims,
     split_lease,
@@ -149,7 +150,14 @@ class _Drain(BatchWriter):
                     _failpoints.hit("after_claim")
                     decoded = await self.decode_yielding(claims)
                     if pending is not None:
-                        await pending
+                        try:
+                            await pending
+                        except Exception:
+                            # This group was never tried: release it for the next drain at once
+                            # rather than after the visibility timeout.
+                            with contextlib.suppress(Exception):
+                                await expire_leases(self.redis, self.keys, [c.batch_id for c in claims])
+                            raise
                     pending = asyncio.create_task(self.store(claims, decoded))
                 if exhausted:
                     break
@@ -235,7 +243,10 @@ async def drain(
         if conn is not None:
             await _close(conn)
         await redis.aclose()
-    logger.info(
+    # An idle beat tick is not news: INFO only when the drain moved something.
+    level = logging.INFO if summary.claimed or summary.reclaimed else logging.DEBUG
+    logger.log(
+        level,
         "drained %s: claimed=%s inserted=%s duplicates=%s dead_lettered=%s reclaimed=%s batches=%s "
         "backlog=%s in %.3fs",
         keys.queue,
