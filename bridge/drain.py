@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from analytics_sdk._queue import (
     Claim,
@@ -234,7 +235,10 @@ async def drain(
         summary.backlog = int(await redis.llen(keys.queue))
         summary.seconds = time.monotonic() - started
         line = orjson.dumps(summary.as_dict())
-        await redis.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": line})
+        try:
+            await redis.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": line})
+        except ResponseError as exc:  # OOM at maxmemory: the work is done, only `status` misses it
+            logger.warning("could not record the drain summary in %s: %s", keys.stats, exc)
     except BaseException as exc:
         done = worker.summary.as_dict() if worker is not None else "nothing claimed"
         logger.warning("drain of %s stopped by %r; done so far: %s", keys.queue, exc, done)
