@@ -230,4 +230,6 @@ def fmt_ms(seconds: float) -> str:
 
 
 def fmt_ratio(value: float) -> str:
+    if value < 1:  # three digits, so that 0.498 (short of 0.5) does not print as 0.50
+        return f"{value:.3f}x"
     return f"{value:,.2f}x" if value < 100 else f"{value:,.0f}x"
