@@ -1,7 +1,6 @@
 """The Redis protocol shared by the SDK (push) and the bridge (claim, ack, reclaim, dead letters).
 
-Every key name is built here and nowhere else. All keys start with the configured prefix; for Redis
-Cluster make the prefix a hash tag such as ``{analytics}`` so that the scripts' keys share one slot.
+Key names are built in :mod:`._keys` (re-exported here as :class:`QueueKeys`) and nowhere else.
 """
 
 from __future__ import annotations
@@ -9,12 +8,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from ._keys import QueueKeys
 
 __all__ = [
     "ACK_STATS",
@@ -32,53 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueKeys:
-    """The key names of one queue (one prefix)."""
-
-    prefix: str = "analytics"
-
-    @property
-    def queue(self) -> str:
-        # list: producers RPUSH at the tail, drains LPOP from the head, so the oldest leave first
-        return f"{self.prefix}:events:batch"
-
-    def inflight(self, batch_id: str) -> str:
-        # list: the items one claim took, kept until their rows commit (the crash-safety copy)
-        return f"{self.prefix}:events:inflight:{batch_id}"
-
-    @property
-    def leases(self) -> str:
-        # sorted set: batch_id scored by claim (or take-over) time in ms; old scores = dead drains
-        return f"{self.prefix}:events:inflight"
-
-    @property
-    def reclaims(self) -> str:
-        # hash: batch_id -> times taken over; past a limit the batch is bisected (no poison loop)
-        return f"{self.prefix}:events:reclaims"
-
-    @property
-    def dead(self) -> str:
-        # list: JSON {"payload", "error", "failed_at", ...} for items that can never be inserted
-        return f"{self.prefix}:events:dead"
-
-    @property
-    def dropped(self) -> str:
-        # counter: events the cap trimmed off the head (LTRIM itself reports nothing)
-        return f"{self.prefix}:events:dropped"
-
-    @property
-    def stats(self) -> str:
-        # hash: inserted, duplicates, dead, claimed, last_flush_at, last_summary for `status`
-        return f"{self.prefix}:stats"
-
-    @property
-    def flush_cooldown(self) -> str:
-        # string with PX: set NX by the client that sends a backlog-triggered flush, so a burst
-        # from many clients sends one task per cooldown, not one per push
-        return f"{self.prefix}:flush:cooldown"
 
 
 class PushResult(NamedTuple):

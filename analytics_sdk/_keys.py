@@ -1,0 +1,58 @@
+"""Redis key names: every key the SDK and the bridge use is built in this one module.
+
+All keys start with the configured prefix (``analytics_key_prefix``); for Redis Cluster make the
+prefix a hash tag such as ``{analytics}`` so that the scripts' keys share one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["QueueKeys"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The key names of one queue (one prefix)."""
+
+    prefix: str = "analytics"
+
+    @property
+    def queue(self) -> str:
+        # list: producers RPUSH at the tail, drains LPOP from the head, so the oldest leave first
+        return f"{self.prefix}:events:batch"
+
+    def inflight(self, batch_id: str) -> str:
+        # list: the items one claim took, kept until their rows commit (the crash-safety copy)
+        return f"{self.prefix}:events:inflight:{batch_id}"
+
+    @property
+    def leases(self) -> str:
+        # sorted set: batch_id scored by claim (or take-over) time in ms; old scores = dead drains
+        return f"{self.prefix}:events:inflight"
+
+    @property
+    def reclaims(self) -> str:
+        # hash: batch_id -> times taken over; past a limit the batch is bisected (no poison loop)
+        return f"{self.prefix}:events:reclaims"
+
+    @property
+    def dead(self) -> str:
+        # list: JSON {"payload", "error", "failed_at", ...} for items that can never be inserted
+        return f"{self.prefix}:events:dead"
+
+    @property
+    def dropped(self) -> str:
+        # counter: events the cap trimmed off the head (LTRIM itself reports nothing)
+        return f"{self.prefix}:events:dropped"
+
+    @property
+    def stats(self) -> str:
+        # hash: inserted, duplicates, dead, claimed, last_flush_at, last_summary for `status`
+        return f"{self.prefix}:stats"
+
+    @property
+    def flush_cooldown(self) -> str:
+        # string with PX: set NX by the client that sends a backlog-triggered flush, so a burst
+        # from many clients sends one task per cooldown, not one per push
+        return f"{self.prefix}:flush:cooldown"
