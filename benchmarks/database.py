@@ -8,23 +8,11 @@ from typing import Any
 
 import asyncpg
 
-from analytics_sdk._event import Event
+from bridge.store import COLUMNS, record
 
 from ._common import Context
 
-COLUMNS = (
-    "event_id",
-    "event_type",
-    "user_id",
-    "session_id",
-    "entity_type",
-    "entity_id",
-    "event_metadata",
-    "ip_address",
-    "user_agent",
-    "referrer",
-    "created_at",
-)
+__all__ = ["COLUMNS", "bench_database", "record", "row_count"]
 
 
 def _url(ctx: Context, name: str) -> str:
@@ -53,26 +41,6 @@ async def bench_database(ctx: Context, suffix: str) -> AsyncIterator[str]:
         yield url
     finally:
         await _admin(ctx, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def record(event: Event) -> tuple[Any, ...]:
-    """One row for COPY/executemany straight into analytics_events (asyncpg takes str for uuid, jsonb
-    and inet). Built before the clock starts: the raw contenders measure PostgreSQL alone."""
-    import orjson
-
-    return (
-        event.event_id,
-        event.event_type,
-        event.user_id,
-        event.session_id,
-        event.entity_type,
-        event.entity_id,
-        orjson.dumps(event.event_metadata).decode(),
-        event.ip_address,
-        event.user_agent,
-        event.referrer,
-        event.created_at,
-    )
 
 
 async def row_count(conn: asyncpg.Connection[Any]) -> int:

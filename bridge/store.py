@@ -20,29 +20,25 @@ from typing import Any, NamedTuple
 import asyncpg
 import orjson
 
-from analytics_sdk._event import Event
+from analytics_sdk._event import FIELDS, Event
 
 from ._errors import is_connection_error, is_data_error
 from .schema import TABLE_NAME
 
-__all__ = ["STAGING_TABLE", "InsertResult", "insert_events", "is_connection_error", "is_data_error"]
+__all__ = [
+    "COLUMNS",
+    "STAGING_TABLE",
+    "InsertResult",
+    "insert_events",
+    "record",
+    "is_connection_error",
+    "is_data_error",
+]
 
 logger = logging.getLogger(__name__)
 
 STAGING_TABLE = "analytics_events_staging"
-_COLUMNS = (
-    "event_id",
-    "event_type",
-    "user_id",
-    "session_id",
-    "entity_type",
-    "entity_id",
-    "event_metadata",
-    "ip_address",
-    "user_agent",
-    "referrer",
-    "created_at",
-)
+COLUMNS = FIELDS  # the staging table and the INSERT list take the event's own field order
 _CASTS = {"event_metadata": "::jsonb", "ip_address": "::inet"}
 
 # ON COMMIT DELETE ROWS: the table lives as long as the connection and empties itself at each commit
@@ -54,8 +50,8 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (
 ) ON COMMIT DELETE ROWS
 """
 _INSERT = (
-    f"INSERT INTO {TABLE_NAME} ({', '.join(_COLUMNS)}) "
-    f"SELECT {', '.join(c + _CASTS.get(c, '') for c in _COLUMNS)} FROM pg_temp.{STAGING_TABLE} "
+    f"INSERT INTO {TABLE_NAME} ({', '.join(COLUMNS)}) "
+    f"SELECT {', '.join(c + _CASTS.get(c, '') for c in COLUMNS)} FROM pg_temp.{STAGING_TABLE} "
     "ON CONFLICT (event_id) DO NOTHING"
 )
 
@@ -68,7 +64,7 @@ class InsertResult(NamedTuple):
     duplicates: int  # events whose event_id was already in the table (or twice in this call)
 
 
-def _record(event: Event) -> tuple[Any, ...]:
+def record(event: Event) -> tuple[Any, ...]:
     return (
         event.event_id,
         event.event_type,
@@ -85,7 +81,7 @@ def _record(event: Event) -> tuple[Any, ...]:
 
 
 async def _load(conn: asyncpg.Connection[Any], records: list[tuple[Any, ...]]) -> int:
-    await conn.copy_records_to_table(STAGING_TABLE, records=records, columns=_COLUMNS, schema_name="pg_temp")
+    await conn.copy_records_to_table(STAGING_TABLE, records=records, columns=COLUMNS, schema_name="pg_temp")
     status = await conn.execute(_INSERT)
     return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
 
@@ -105,7 +101,7 @@ async def insert_events(
     """
     if not events:
         return InsertResult(0, 0)
-    records = [_record(e) for e in events]
+    records = [record(e) for e in events]
     if conn.is_in_transaction():
         # The staging table may not exist yet, or hold rows of an earlier call in this transaction.
         await conn.execute(f"{_CREATE_STAGING}; DELETE FROM pg_temp.{STAGING_TABLE}")
