@@ -1,10 +1,10 @@
 """AnalyticsClient: validate, encode and push events to the Redis queue, with group commit.
 
-Group commit: ``track()`` calls that arrive while a pipeline is in flight wait together and go in the
-next single MULTI (at most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``). Each caller returns
-only once Redis has acknowledged the MULTI that carried its own event. A lone caller pays exactly one
-round trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
-Redis makes each MULTI atomic.
+Group commit (:class:`._batcher.GroupCommit`, which the client owns): ``track()`` calls that arrive
+while a pipeline is in flight wait together and go in the next single MULTI. Each caller returns only
+once Redis has acknowledged the MULTI that carried its own event. A lone caller pays exactly one round
+trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and Redis
+makes each MULTI atomic. The client keeps the public API, its lifecycle and the backlog trigger.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -22,25 +21,19 @@ import anyio.to_thread
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._batcher import GroupCommit
 from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
-from ._queue import PushResult, QueueKeys, push
+from ._keys import QueueKeys
+from ._queue import PushResult
 from ._sender import TaskSender
 from ._settings import Settings, redact_url
 
 __all__ = ["AnalyticsClient"]
 
 logger = logging.getLogger(__name__)
-
-MAX_BATCH_EVENTS = 1_000
-MAX_BATCH_BYTES = 1 << 20
-_DROP_LOG_EVERY = 10.0  # seconds between warnings about events dropped by the cap
-
-_Waiter = tuple[list[bytes], int, "asyncio.Future[None]"]  # (payloads, their bytes, the caller's future)
 
 # Bumped in every forked child: track() compares an int instead of paying a getpid() syscall per call.
 _forks = [0]
@@ -65,12 +58,9 @@ class AnalyticsClient:
         self._pid = os.getpid()
         self._forks = _forks[0]
         self._metadata_limit = self.settings.analytics_max_metadata_bytes
-        self._waiting: list[_Waiter] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._batcher = GroupCommit(self.settings, self.keys, self._after_push)
         self._background: set[asyncio.Task[Any]] = set()
         self._trigger_after = 0.0  # monotonic time before which no backlog flush is attempted
-        self._dropped_unlogged = 0
-        self._drop_logged_at = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -139,8 +129,7 @@ class AnalyticsClient:
         if self._closed:
             return
         self._closed = True
-        if self._flusher is not None:
-            await asyncio.wait({self._flusher})
+        await self._batcher.wait_idle()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -154,7 +143,7 @@ class AnalyticsClient:
     def closed(self) -> bool:
         return self._closed
 
-    # -- group commit ---------------------------------------------------------------------------
+    # -- plumbing -------------------------------------------------------------------------------
 
     def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._closed:
@@ -175,7 +164,8 @@ class AnalyticsClient:
             if not self._owns_redis:
                 raise AnalyticsError("an injected Redis client cannot be used across a fork")
             # The parent's sockets are not ours to touch: drop them and start afresh.
-            self._redis, self._pid, self._waiting, self._flusher = None, os.getpid(), [], None
+            self._redis, self._pid = None, os.getpid()
+            self._batcher.forget()
         self._forks = _forks[0]
         if self._redis is None:
             timeout = self.settings.analytics_redis_timeout
@@ -195,86 +185,10 @@ class AnalyticsClient:
         # _get_redis(), which checks everything and raises the right error.
         if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
             client = self._get_redis()
-        future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((payloads, sum(map(len, payloads)) if size < 0 else size, future))
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush_loop(client))
-        await future
-
-    def _take_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]]]:
-        batch: list[bytes] = []
-        futures: list[asyncio.Future[None]] = []
-        size = 0
-        taken = 0
-        for payloads, weight, future in self._waiting:
-            if future.done():  # its caller was cancelled before the send: never pushed
-                taken += 1
-                continue
-            if batch and (len(batch) + len(payloads) > MAX_BATCH_EVENTS or size + weight > MAX_BATCH_BYTES):
-                break
-            batch.extend(payloads)
-            futures.append(future)
-            size += weight
-            taken += 1
-        del self._waiting[:taken]
-        return batch, futures
-
-    async def _flush_loop(self, client: aioredis.Redis) -> None:
-        futures: list[asyncio.Future[None]] = []
-        try:
-            while self._waiting:
-                batch, futures = self._take_batch()
-                if not batch:
-                    continue
-                try:
-                    result = await self._push_with_retry(client, batch)
-                except PublishError as exc:
-                    for future in futures:
-                        if not future.done():
-                            error = PublishError(str(exc))
-                            error.__cause__ = exc.__cause__
-                            future.set_exception(error)
-                    continue
-                for future in futures:
-                    if not future.done():
-                        future.set_result(None)
-                self._after_push(client, result)
-        except BaseException as exc:
-            # A bug or a cancellation here must not leave any caller waiting forever: neither those
-            # whose batch was in flight (already taken off _waiting) nor those still queued.
-            for future in [*futures, *(f for _, _, f in self._waiting)]:
-                if not future.done():
-                    error = PublishError(f"the client's push loop stopped: {exc!r}")
-                    error.__cause__ = exc
-                    future.set_exception(error)
-            self._waiting.clear()
-            raise
-        finally:
-            self._flusher = None
-
-    async def _push_with_retry(self, client: aioredis.Redis, batch: list[bytes]) -> PushResult:
-        retries = self.settings.analytics_publish_retries
-        for attempt in range(retries + 1):
-            try:
-                return await push(client, self.keys, batch, self.settings.analytics_max_queue_size)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # A MULTI that timed out may have run: re-sending can queue an event twice, which
-                # the sink's ON CONFLICT (event_id) turns back into one row.
-                if attempt == retries:
-                    raise PublishError(
-                        f"Redis did not acknowledge {len(batch)} event(s) after {retries + 1} attempts: {exc}"
-                    ) from exc
-                delay = min(1.0, 0.05 * 2**attempt) * (0.5 + random.random())
-                logger.warning("push of %s event(s) failed (%s); retrying in %.2fs", len(batch), exc, delay)
-                await asyncio.sleep(delay)
-            except RedisError as exc:
-                # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
-                raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
-        raise AssertionError("unreachable")
+        await self._batcher.submit(loop, client, payloads, size)
 
     def _after_push(self, client: aioredis.Redis, result: PushResult) -> None:
-        if result.dropped:
-            self._note_dropped(result.dropped)
+        """After every acknowledged MULTI (called by the group commit): the backlog trigger."""
         settings = self.settings
         if settings.analytics_backlog_trigger and result.length >= settings.analytics_batch_size:
             now = time.monotonic()
@@ -292,16 +206,3 @@ class AnalyticsClient:
                 logger.debug("backlog: sent flush task %s", task_id)
         except Exception as exc:  # the events are safe in Redis; beat will flush them
             logger.warning("could not send a backlog flush (beat will drain instead): %s", exc)
-
-    def _note_dropped(self, count: int) -> None:
-        self._dropped_unlogged += count
-        now = time.monotonic()
-        if now - self._drop_logged_at >= _DROP_LOG_EVERY:
-            logger.warning(
-                "queue %s is at its cap of %s: dropped the %s oldest event(s) since the last warning",
-                self.keys.queue,
-                self.settings.analytics_max_queue_size,
-                self._dropped_unlogged,
-            )
-            self._dropped_unlogged = 0
-            self._drop_logged_at = now

@@ -21,11 +21,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from servers import RedisServer, start_redis
 
 from analytics_sdk import AnalyticsClient, PublishError, Settings, decode
-from analytics_sdk._client import MAX_BATCH_BYTES, MAX_BATCH_EVENTS
+from analytics_sdk._batcher import MAX_BATCH_BYTES, MAX_BATCH_EVENTS
 from analytics_sdk._queue import QueueKeys
 
 KEYS = QueueKeys("gc")
-CLIENT_LOG = "analytics_sdk._client"
+CLIENT_LOG = "analytics_sdk._batcher"  # the push loop logs its retries there
 
 
 @pytest.fixture
@@ -72,7 +72,8 @@ def pause(admin: redis.Redis) -> None:
 
 async def until_in_flight(client: AnalyticsClient) -> None:
     """Wait until the client's push loop has taken every waiting event into its pipeline."""
-    await wait_for(lambda: client._flusher is not None and not client._waiting, timeout=5)
+    batcher = client._batcher
+    await wait_for(lambda: batcher._flusher is not None and not batcher._waiting, timeout=5)
 
 
 # -- coalescing ----------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ async def test_cancelled_waiters_do_not_break_others(client: AnalyticsClient, ad
     await until_in_flight(client)
     waiting = [asyncio.create_task(client.track("waiting", entity_id=i)) for i in range(10)]
     await asyncio.sleep(0)  # they validated and queued behind the pipeline in flight
-    assert len(client._waiting) == 10
+    assert len(client._batcher._waiting) == 10
     for index in (0, 4, 9):
         waiting[index].cancel()
     in_flight.cancel()
@@ -275,8 +276,8 @@ async def test_stopped_push_loop_fails_its_waiters(client: AnalyticsClient, admi
     await until_in_flight(client)
     queued = [asyncio.create_task(client.track("queued")) for _ in range(5)]
     await asyncio.sleep(0)
-    assert client._flusher is not None
-    client._flusher.cancel()
+    assert client._batcher._flusher is not None
+    client._batcher._flusher.cancel()
     results = await asyncio.wait_for(asyncio.gather(*in_flight, *queued, return_exceptions=True), 10)
     assert all(isinstance(r, PublishError) for r in results), results
     admin.execute_command("CLIENT", "UNPAUSE")
