@@ -129,6 +129,7 @@ class AnalyticsClient:
         if self._closed:
             return
         self._closed = True
+        self._batcher.close()
         await self._batcher.wait_idle()
         for task in list(self._background):
             task.cancel()

@@ -1,15 +1,18 @@
 """SyncAnalyticsClient: the async client's surface for threads and sync frameworks.
 
-Calls from any number of threads are handed, through an anyio blocking portal, to one
-:class:`AnalyticsClient` running on a private event-loop thread, so they share its group commit:
-eight threads calling ``track()`` cost far fewer round trips than eight pipelines. Validation and
-encoding run in the calling thread, so a bad event raises there without touching the loop. After
-``os.fork()`` the child starts its own portal and connections on first use; it never touches the
-parent's.
+One :class:`AnalyticsClient` runs on a private event-loop thread. Events from any number of threads
+are handed straight to its group commit (:meth:`GroupCommit.submit_threadsafe`: a deque append and at
+most one pending wake-up of the loop, no portal crossing per call), so they share its MULTIs: eight
+threads calling ``track()`` cost far fewer round trips than eight pipelines. Each thread then waits
+on its own future until Redis has acknowledged its event. Validation and encoding run in the calling
+thread, so a bad event raises there without touching the loop. The rarer calls (queue size, flush,
+close) go through an anyio blocking portal. After ``os.fork()`` the child starts its own loop thread
+and connections on first use; it never touches the parent's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import threading
@@ -22,9 +25,10 @@ from typing import Any, Self, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from ._batcher import GroupCommit
 from ._client import AnalyticsClient
 from ._event import Event, encode_fields
-from ._exceptions import AnalyticsError, ClientClosedError
+from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._settings import Settings, redact_url
 
 __all__ = ["SyncAnalyticsClient"]
@@ -37,21 +41,25 @@ class _Runtime:
     pid: int
     portal: BlockingPortal
     client: AnalyticsClient
+    batcher: GroupCommit  # the client's group commit, which the loop serves for every thread
     thread: threading.Thread
 
 
-def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
-    """An event loop with a blocking portal on a daemon thread.
+def _start_portal(
+    on_exit: Callable[[], None],
+) -> tuple[BlockingPortal, asyncio.AbstractEventLoop, threading.Thread]:
+    """An event loop with a blocking portal on a daemon thread; ``on_exit()`` runs once it ended.
 
     Not anyio's ``start_blocking_portal``: its thread belongs to a ThreadPoolExecutor, which the
     interpreter joins at exit, so a program that forgot ``close()`` hung forever on exit. A daemon
     thread costs nothing at exit: every ``track()`` that returned was already acknowledged by Redis.
     """
-    started: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+    started: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]]
+    started = concurrent.futures.Future()
 
     async def serve() -> None:
         async with BlockingPortal() as portal:
-            started.set_result(portal)
+            started.set_result((portal, asyncio.get_running_loop()))
             await portal.sleep_until_stopped()
 
     def run() -> None:
@@ -61,10 +69,13 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
             if not started.done():
                 started.set_exception(exc)
             raise
+        finally:
+            on_exit()
 
     thread = threading.Thread(target=run, name="analytics-sdk", daemon=True)
     thread.start()
-    return started.result(), thread
+    portal, loop = started.result()
+    return portal, loop, thread
 
 
 class SyncAnalyticsClient:
@@ -76,6 +87,13 @@ class SyncAnalyticsClient:
         self._lock = threading.Lock()  # guards only the one-time start of the portal thread
         self._lock_pid = os.getpid()
         self._closed = False
+        # How long a thread waits for Redis's acknowledgment before giving up. A safety net for a
+        # loop thread that died or hangs, never the normal way out, so well above the push loop's
+        # own bound: a batch is tried publish_retries + 1 times, each try at most a connect and a
+        # reply or two under redis_timeout plus a backoff under 1.5 s; and an event may first wait
+        # for the batch already in flight to fail the same way.
+        tries = self.settings.analytics_publish_retries + 1
+        self._wait_limit = 2 * tries * (3 * self.settings.analytics_redis_timeout + 1.5) + 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -106,8 +124,12 @@ class SyncAnalyticsClient:
         with self._lock:
             runtime = self._runtime
             if runtime is None or runtime.pid != pid:
-                portal, thread = _start_portal()
-                runtime = _Runtime(pid, portal, AnalyticsClient(self.settings), thread)
+                client = AnalyticsClient(self.settings)
+                batcher = client._batcher
+                # Once the loop has ended nothing can push what threads still hand over: fail it.
+                portal, loop, thread = _start_portal(on_exit=batcher.reject_pending)
+                batcher.attach(loop, client._get_redis)
+                runtime = _Runtime(pid, portal, client, batcher, thread)
                 self._runtime = runtime
         return runtime
 
@@ -121,6 +143,22 @@ class SyncAnalyticsClient:
                 raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one") from exc
             raise
 
+    def _push(self, payloads: list[bytes], size: int = -1) -> None:
+        """Hand ``payloads`` to the loop's group commit and wait until Redis acknowledged them."""
+        future = self._get().batcher.submit_threadsafe(payloads, size)
+        try:
+            future.result(self._wait_limit)
+        except TimeoutError:
+            if not future.cancel():  # resolved just now, after all: that outcome stands
+                future.result()
+                return
+            # Cancelled: if it was not taken into a MULTI yet it never will be; if it was, it may
+            # still land, and the caller is told so.
+            raise PublishError(
+                f"no acknowledgment from Redis within {self._wait_limit:.0f}s; "
+                f"{len(payloads)} event(s) may or may not have been queued"
+            ) from None
+
     def _encode(self, fields: Mapping[str, Any]) -> tuple[str, bytes]:
         return encode_fields(fields, max_metadata_bytes=self.settings.analytics_max_metadata_bytes)
 
@@ -128,8 +166,7 @@ class SyncAnalyticsClient:
         """Validate and push one event; returns its event_id once Redis acknowledged it."""
         fields["event_type"] = event_type
         event_id, raw = self._encode(fields)
-        runtime = self._get()
-        self._call(runtime.client._enqueue, [raw], len(raw))
+        self._push([raw], len(raw))
         return event_id
 
     def track_event(
@@ -165,8 +202,7 @@ class SyncAnalyticsClient:
             raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
         encoded = [(e.event_id, e.encode()) if isinstance(e, Event) else self._encode(e) for e in events]
         if encoded:
-            runtime = self._get()
-            self._call(runtime.client._enqueue, [raw for _, raw in encoded])
+            self._push([raw for _, raw in encoded])
         return [event_id for event_id, _ in encoded]
 
     def get_queue_size(self) -> int:

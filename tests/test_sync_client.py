@@ -9,13 +9,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
-from servers import free_port
+from redis.exceptions import ConnectionError as RedisConnectionError
+from servers import free_port, start_redis
 
 from analytics_sdk import (
     ClientClosedError,
@@ -40,6 +41,27 @@ def sync_client(settings: Settings) -> Iterator[SyncAnalyticsClient]:
 def queued_ids(sync_redis: redis.Redis, settings: Settings) -> list[str]:
     raws = sync_redis.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)
     return [decode(raw).event_id for raw in raws]
+
+
+def run_threads(count: int, work: Callable[[int], list[str]]) -> dict[int, list[str] | BaseException]:
+    """Run ``work(index)`` in ``count`` threads released together; each one's result or exception."""
+    outcomes: dict[int, list[str] | BaseException] = {}
+    start = threading.Barrier(count)
+
+    def worker(index: int) -> None:
+        try:
+            start.wait(10)
+            outcomes[index] = work(index)
+        except BaseException as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "a tracking thread hangs"
+    return outcomes
 
 
 def test_track_from_8_threads(
@@ -69,6 +91,65 @@ def test_track_from_8_threads(
     in_redis = queued_ids(sync_redis, settings)
     assert sorted(in_redis) == sorted(ids), "every id once"
     assert sync_client.get_queue_size() == 800
+
+
+def test_threads_share_multis(tmp_path: Path) -> None:
+    """Cross-thread group commit: 8 threads x 200 events, every one acknowledged and queued once,
+    in far fewer MULTIs than events (counted on a throwaway server: the shared one's stats are not
+    ours)."""
+    with start_redis(tmp_path) as server, server.client() as admin:
+        settings = Settings(redis_url=server.url, analytics_key_prefix="gc", analytics_backlog_trigger=False)
+        with SyncAnalyticsClient(settings) as client:
+            client.track("warm-up")  # the loop thread and its connection exist: counts are pushes only
+            admin.config_resetstat()
+            outcomes = run_threads(8, lambda i: [client.track("t", user_id=f"t{i}") for _ in range(200)])
+            stats = {
+                name.removeprefix("cmdstat_"): int(row["calls"])
+                for name, row in admin.info("commandstats").items()
+            }
+        per_thread = [outcome for outcome in outcomes.values() if isinstance(outcome, list)]
+        assert len(per_thread) == 8, outcomes
+        ids = [event_id for outcome in per_thread for event_id in outcome]
+        assert len(ids) == len(set(ids)) == 1600
+        queued = [decode(raw).event_id for raw in admin.lrange(QueueKeys("gc").queue, 0, -1)]
+        assert sorted(queued[1:]) == sorted(ids), "every id once"
+        assert stats["multi"] == stats["exec"] == stats["rpush"] == stats["ltrim"]
+        assert stats["exec"] <= 1600 // 2, f"{stats['exec']} EXECs for 1600 events from 8 threads: not shared"
+
+
+def test_publish_error_reaches_every_waiting_thread(tmp_path: Path) -> None:
+    with start_redis(tmp_path) as server:
+        settings = Settings(
+            redis_url=server.url,
+            analytics_key_prefix="gc",
+            analytics_backlog_trigger=False,
+            analytics_publish_retries=1,
+            analytics_redis_timeout=1.0,
+        )
+        with SyncAnalyticsClient(settings) as client:
+            client.track("warm-up")
+            server.stop()
+            started = time.monotonic()
+            outcomes = run_threads(8, lambda i: [client.track("lost", entity_id=i)])
+            assert time.monotonic() - started < 30
+            for outcome in outcomes.values():
+                assert isinstance(outcome, PublishError), outcome
+                assert isinstance(outcome.__cause__, RedisConnectionError | OSError), repr(outcome.__cause__)
+            server.start()
+            assert client.track("back")  # the same client works again once Redis is back
+
+
+def test_events_handed_over_after_the_loop_ended_fail_at_once(settings: Settings) -> None:
+    """A thread that got past the closed check just before close() finished is told, not left waiting."""
+    client = SyncAnalyticsClient(settings)
+    client.track("x")
+    runtime = client._runtime
+    assert runtime is not None
+    client.close()
+    assert not runtime.thread.is_alive()
+    future = runtime.batcher.submit_threadsafe([b"{}"])
+    with pytest.raises(ClientClosedError):
+        future.result(timeout=5)
 
 
 def test_after_fork_child_uses_its_own_connections(
