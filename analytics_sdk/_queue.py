@@ -24,6 +24,7 @@ __all__ = [
     "ack",
     "claim",
     "dead_letter_entry",
+    "expire_leases",
     "expired_leases",
     "push",
     "set_reclaims",
