@@ -98,9 +98,6 @@ class Event(NamedTuple):
             doc["created_at"] = self.created_at.isoformat()
         return orjson.dumps(doc)
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(zip(FIELDS, self, strict=True))
-
 
 # The random part of event ids: uniqueness is what matters (the sink dedupes on event_id, so a
 # collision would silently drop an event), not secrecy. A private generator, seeded from os.urandom

@@ -393,7 +393,7 @@ def test_round_trip_every_field() -> None:
     decoded = decode(raw)
     assert decoded == original
     assert decoded.created_at.tzinfo is not None
-    assert decoded.as_dict() == original.as_dict()
+    assert decoded._asdict() == original._asdict()
     assert decode(raw.decode()) == original
 
 

@@ -65,7 +65,7 @@ def decode_ok_payload() -> bytes:
 
 def _queued(sync_redis: redis.Redis, settings: Settings) -> list[dict[str, object]]:
     raws = sync_redis.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)
-    return [decode(raw).as_dict() for raw in raws]
+    return [decode(raw)._asdict() for raw in raws]
 
 
 def test_quickstart(settings: Settings, sync_redis: redis.Redis) -> None:
