@@ -18,13 +18,12 @@ import collections
 import concurrent.futures
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
@@ -38,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH_EVENTS = 1_000
 MAX_BATCH_BYTES = 1 << 20
-_DROP_LOG_EVERY = 10.0  # seconds between warnings about events dropped by the cap
 
 # An async caller's future or a thread's: both have done(), set_result() and set_exception().
 _Future: TypeAlias = "asyncio.Future[None] | concurrent.futures.Future[None]"
@@ -62,6 +60,12 @@ def _settle(future: _Future, error: BaseException | None = None) -> None:
 
 def _not_attached(*args: Any) -> Any:
     raise AnalyticsError("GroupCommit: submit_threadsafe() before attach()")
+
+
+def _publish_error(message: str, cause: BaseException | None) -> PublishError:
+    error = PublishError(message)
+    error.__cause__ = cause
+    return error
 
 
 def _pop_all(inbox: collections.deque[_Waiter]) -> list[_Waiter]:
@@ -88,8 +92,6 @@ class GroupCommit:
         self._on_pushed = on_pushed
         self._waiting: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._dropped_unlogged = 0
-        self._drop_logged_at = 0.0
         # Thread side (see submit_threadsafe): the inbox, whether the loop will look at it without
         # being woken, whether the client is closing, and what attach() gives.
         self._inbox: collections.deque[_Waiter] = collections.deque()
@@ -235,21 +237,18 @@ class GroupCommit:
                     self._wake_pending = True
                     continue
                 batch, futures = self._take_batch()
-                if not batch:
+                if not batch:  # only empty payloads: nothing to send, nobody left waiting
+                    for future in futures:
+                        _settle(future)
                     continue
                 try:
                     result = await self._push_with_retry(client, batch)
                 except PublishError as exc:
-                    for future in futures:
-                        if not future.done():
-                            error = PublishError(str(exc))
-                            error.__cause__ = exc.__cause__
-                            _settle(future, error)
+                    for future in futures:  # each caller its own error, chained to the Redis one
+                        _settle(future, _publish_error(str(exc), exc.__cause__))
                     continue
                 for future in futures:
                     _settle(future)
-                if result.dropped:
-                    self._note_dropped(result.dropped)
                 self._on_pushed(client, result)
         except BaseException as exc:
             # A bug or a cancellation here must not leave any caller waiting forever: not those whose
@@ -257,10 +256,7 @@ class GroupCommit:
             # (the flag cleared first, so that threads handing over later wake the loop themselves).
             self._wake_pending = False
             for future in [*futures, *(f for _, _, f in [*self._waiting, *_pop_all(self._inbox)])]:
-                if not future.done():
-                    error = PublishError(f"the client's push loop stopped: {exc!r}")
-                    error.__cause__ = exc
-                    _settle(future, error)
+                _settle(future, _publish_error(f"the client's push loop stopped: {exc!r}", exc))
             self._waiting.clear()
             raise
         finally:
@@ -271,6 +267,8 @@ class GroupCommit:
         for attempt in range(retries + 1):
             try:
                 return await push(client, self.keys, batch, self.settings.analytics_max_queue_size)
+            except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
+                raise PublishError(f"Redis refused the credentials: {exc}") from exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # A MULTI that timed out may have run: re-sending can queue an event twice, which
                 # the sink's ON CONFLICT (event_id) turns back into one row.
@@ -285,16 +283,3 @@ class GroupCommit:
                 # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
                 raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
         raise AssertionError("unreachable")
-
-    def _note_dropped(self, count: int) -> None:
-        self._dropped_unlogged += count
-        now = time.monotonic()
-        if now - self._drop_logged_at >= _DROP_LOG_EVERY:
-            logger.warning(
-                "queue %s is at its cap of %s: dropped the %s oldest event(s) since the last warning",
-                self.keys.queue,
-                self.settings.analytics_max_queue_size,
-                self._dropped_unlogged,
-            )
-            self._dropped_unlogged = 0
-            self._drop_logged_at = now

@@ -35,6 +35,8 @@ __all__ = ["AnalyticsClient"]
 
 logger = logging.getLogger(__name__)
 
+_DROP_LOG_EVERY = 10.0  # seconds between warnings about events dropped by the cap
+
 # Bumped in every forked child: track() compares an int instead of paying a getpid() syscall per call.
 _forks = [0]
 os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
@@ -61,6 +63,8 @@ class AnalyticsClient:
         self._batcher = GroupCommit(self.settings, self.keys, self._after_push)
         self._background: set[asyncio.Task[Any]] = set()
         self._trigger_after = 0.0  # monotonic time before which no backlog flush is attempted
+        self._dropped_unlogged = 0
+        self._drop_logged_at = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -189,8 +193,10 @@ class AnalyticsClient:
         await self._batcher.submit(loop, client, payloads, size)
 
     def _after_push(self, client: aioredis.Redis, result: PushResult) -> None:
-        """After every acknowledged MULTI (called by the group commit): the backlog trigger."""
+        """After every acknowledged MULTI (called by the group commit): drops, the backlog trigger."""
         settings = self.settings
+        if result.dropped:
+            self._note_dropped(result.dropped)
         if settings.analytics_backlog_trigger and result.length >= settings.analytics_batch_size:
             now = time.monotonic()
             if now >= self._trigger_after:
@@ -198,6 +204,20 @@ class AnalyticsClient:
                 task = asyncio.get_running_loop().create_task(self._trigger_flush(client))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _note_dropped(self, count: int) -> None:
+        # Rate-limited: a queue at its cap drops on every push; the exact total is in the counter.
+        self._dropped_unlogged += count
+        now = time.monotonic()
+        if now - self._drop_logged_at >= _DROP_LOG_EVERY:
+            logger.warning(
+                "queue %s is at its cap of %s: dropped the %s oldest event(s) since the last warning",
+                self.keys.queue,
+                self.settings.analytics_max_queue_size,
+                self._dropped_unlogged,
+            )
+            self._dropped_unlogged = 0
+            self._drop_logged_at = now
 
     async def _trigger_flush(self, client: aioredis.Redis) -> None:
         cooldown_ms = int(self.settings.analytics_backlog_trigger_cooldown * 1000)

@@ -133,6 +133,8 @@ def _text(name: str, value: object, *, required: bool = False) -> str | None:
     if type(value) is not str:
         if name in _ID_FIELDS and isinstance(value, int) and not isinstance(value, bool):
             # The old service accepted integer ids (a database primary key); keep them, as text.
+            if not -(10 ** FIELD_LIMITS[name]) < value < 10 ** FIELD_LIMITS[name]:
+                raise ValidationError(name, value, f"is longer than {FIELD_LIMITS[name]} digits")
             value = str(value)
         else:
             raise ValidationError(name, value, f"must be a string, not {type(value).__name__}")

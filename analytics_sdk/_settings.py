@@ -106,7 +106,9 @@ class Settings:
                 object.__setattr__(self, f.name, float(value))
                 ok = True
             if not ok:
-                raise ConfigurationError(env_name(f.name), value, f"must be {expected.__name__}")
+                # A secret, or a URL that may hold one, is not shown: the type is what is wrong.
+                shown = "***" if not f.repr or f.name.endswith("_url") else value
+                raise ConfigurationError(env_name(f.name), shown, f"must be {expected.__name__}")
         for name in (
             "analytics_batch_size",
             "analytics_flush_interval",

@@ -122,6 +122,8 @@ class SyncAnalyticsClient:
             # Forked: another thread of the parent may have held the lock at fork time.
             self._lock, self._lock_pid = threading.Lock(), pid
         with self._lock:
+            if self._closed:  # close() ran between the check above and here: start nothing
+                raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
             runtime = self._runtime
             if runtime is None or runtime.pid != pid:
                 client = AnalyticsClient(self.settings)

@@ -580,3 +580,10 @@ def test_event_ids_differ_across_fork_and_seed() -> None:
     os.waitpid(pid, 0)
     assert len(child) == 1000
     assert not mine & child
+
+
+def test_integer_id_too_long_names_its_field() -> None:
+    with pytest.raises(ValidationError) as info:
+        validate({"event_type": "x", "user_id": 10**5000})
+    assert info.value.field == "user_id"
+    assert validate({"event_type": "x", "user_id": 10**200}).user_id == str(10**200)

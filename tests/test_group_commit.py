@@ -298,3 +298,19 @@ async def test_aclose_waits_for_events_already_handed_over(server: RedisServer, 
     ids = await asyncio.gather(*tasks)
     assert set(ids) <= set(queued_ids(admin))
     assert client.closed
+
+
+async def test_wrong_password_is_not_retried(server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """redis-py's AuthenticationError is a ConnectionError subclass, but no retry can fix it."""
+    with server.client() as admin:
+        admin.config_set("requirepass", "right")
+    settings = settings_for(server, analytics_publish_retries=5).replace(
+        redis_url=server.url.replace("redis://", "redis://:wrong@")
+    )
+    caplog.set_level(logging.WARNING, CLIENT_LOG)
+    async with AnalyticsClient(settings) as client:
+        with pytest.raises(PublishError, match="credentials") as info:
+            await client.track("denied")
+    assert isinstance(info.value.__cause__, redis.AuthenticationError)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert "wrong" not in str(info.value)

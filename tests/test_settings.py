@@ -318,3 +318,12 @@ def test_password_not_in_configuration_errors() -> None:
 )
 def test_redact_url(url: str | None, shown: str | None) -> None:
     assert redact_url(url) == shown
+
+
+def test_wrong_type_error_does_not_show_the_secret() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings(redis_password=12345)  # type: ignore[arg-type]
+    assert "12345" not in str(info.value) and "ANALYTICS_REDIS_PASSWORD" in str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        Settings(database_url=b"postgresql://u:hunter2@h/db")  # type: ignore[arg-type]
+    assert "hunter2" not in str(info.value)
