@@ -125,14 +125,16 @@ class BatchWriter:
                     )
             _failpoints.hit("after_commit")
         except Exception as exc:
-            lost = not is_connection_error(exc) and await self._postgres_lost()
-            if lost or is_connection_error(exc) or is_environment_error(exc):
+            conflict = is_transient_conflict(exc)  # a deadlock that outlasted its re-runs
+            lost = not (conflict or is_connection_error(exc)) and await self._postgres_lost()
+            if lost or conflict or is_connection_error(exc) or is_environment_error(exc):
                 # Not the events' fault: keep them in flight but release them for the next drain
                 # now, and do not let the outage count towards the poison limit.
                 with contextlib.suppress(Exception):
                     await expire_leases(self.redis, self.keys, [c.batch_id for c in claims])
-            if lost:
-                raise ConnectionLostError(f"PostgreSQL connection lost: {type(exc).__name__}: {exc}") from exc
+            if lost or conflict:  # retried by the task like an outage
+                what = "PostgreSQL connection lost" if lost else "insert kept deadlocking"
+                raise ConnectionLostError(f"{what}: {type(exc).__name__}: {exc}") from exc
             raise
         await self.ack(claims, dead, result)
 

@@ -226,6 +226,9 @@ async def drain(
                 asyncpg_dsn(settings.database_url),
                 timeout=_CONNECT_TIMEOUT,
                 server_settings={"application_name": _APPLICATION_NAME},
+                # No statement may outlive our lease, even where no hard time limit kills the drain
+                # (the CLI's flush, a solo or threads pool): a timeout releases the batch instead.
+                command_timeout=max(30.0, settings.analytics_visibility_timeout / 3),
             )
             worker = _Drain(settings, redis, conn, started + budget, progress)
             await worker.reclaim(leases)
@@ -244,9 +247,11 @@ async def drain(
         logger.warning("drain of %s stopped by %r; done so far: %s", keys.queue, exc, done)
         raise
     finally:
-        if conn is not None:
-            await _close(conn)
-        await redis.aclose()
+        try:
+            if conn is not None:
+                await _close(conn)
+        finally:  # even when a cancellation interrupts the PostgreSQL goodbye
+            await redis.aclose()
     # An idle beat tick is not news: INFO only when the drain moved something.
     level = logging.INFO if summary.claimed or summary.reclaimed else logging.DEBUG
     logger.log(
