@@ -7,7 +7,8 @@
 - A data error (SQLSTATE 22/23) bisects the rows until each bad one failed alone; those are
   dead-lettered with SQLSTATE and message (``stage: insert``), the rest commit.
 - A connection error leaves the claims in flight, writes no dead letter and propagates.
-- The ack (dead letters, counters, release of every claim) runs only after the COMMIT, in one MULTI.
+- The ack (dead letters, counters, release of every claim) runs only after the COMMIT, in one
+  allow-oom Lua script (atomic like a MULTI, and still allowed when Redis is at maxmemory).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Order of work:
 2. Fresh claims of ``analytics_batch_size`` events are gathered until ``analytics_insert_batch_size``
    rows are in hand (claim size and transaction size are separate knobs: the first bounds what one
    crash leaves in flight, the second sets insert throughput), inserted, and acked together after
-   the COMMIT, in one MULTI that also writes their dead letters and counters.
+   the COMMIT, in one allow-oom script that also writes their dead letters and counters.
 
 Failures (handled by :class:`bridge._writer.BatchWriter`): an event that does not decode is
 dead-lettered with its reason. A data error (SQLSTATE 22/23) bisects the rows until each bad one
@@ -205,10 +205,11 @@ async def drain(
     """Drain the queue of ``settings`` into PostgreSQL until it is empty or ``time_budget`` seconds
     (default ``analytics_drain_time_budget``) are spent; ``progress`` is called after every ack.
 
-    The budget is checked between transactions, so even a budget of 0 moves one transaction's worth
-    (``analytics_insert_batch_size`` rows) before stopping. With nothing queued and no lease expired,
-    PostgreSQL is not even connected to. Connection-class errors propagate after the claimed batches
-    were left in flight (see :func:`bridge._errors.is_connection_error`)."""
+    The budget is checked between transactions: with no expired lease, even a budget of 0 moves one
+    transaction's worth (``analytics_insert_batch_size`` rows) before stopping; take-overs of expired
+    leases are checked before each one, so a budget of 0 takes none over. With nothing queued and no
+    lease expired, PostgreSQL is not even connected to. Connection-class errors propagate after the
+    claimed batches were left in flight (see :func:`bridge._errors.is_connection_error`)."""
     started = time.monotonic()
     budget = settings.analytics_drain_time_budget if time_budget is None else time_budget
     keys = QueueKeys(settings.analytics_key_prefix)
