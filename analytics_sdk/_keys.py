@@ -28,8 +28,22 @@ class QueueKeys:
 
     @property
     def leases(self) -> str:
-        # sorted set: batch_id scored by claim (or take-over) time in ms; old scores = dead drains
+        # sorted set: batch_id scored by its owner's last claim, take-over or renewal, in ms of Redis's
+        # own clock (TIME); an old score = a dead or stalled drain; 0 = released by its owner for the
+        # next drain at once (an outage, a shutdown): taking over a released lease is not a death
         return f"{self.prefix}:events:inflight"
+
+    @property
+    def owners(self) -> str:
+        # hash: batch_id -> owner token of the drain holding the lease. A take-over writes a new
+        # token, and ack/split/renew/release act only for the current one: a drain paused past its
+        # lease (a VM pause, a long bisection) can no longer ack or dead-letter what another finished
+        return f"{self.prefix}:events:owners"
+
+    def push_guard(self, token: str) -> str:
+        # string with PX: the result of one push, keyed by the push's own token, so a push whose
+        # reply was lost and is sent again returns the first result instead of queueing twice
+        return f"{self.prefix}:events:pushed:{token}"
 
     @property
     def reclaims(self) -> str:

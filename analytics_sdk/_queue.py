@@ -1,115 +1,120 @@
-"""The Redis protocol shared by the SDK (push) and the bridge (claim, ack, reclaim, dead letters).
+"""The Redis protocol shared by the SDK (push) and the bridge (claim, ack, renew, release, reclaim).
 
-Key names are built in :mod:`._keys` (re-exported here as :class:`QueueKeys`) and nowhere else.
+Key names are built in :mod:`._keys` (re-exported here as :class:`QueueKeys`) and nowhere else; the
+Lua scripts, and the rules they keep (fenced by owner token, idempotent, Redis's clock, allow-oom),
+live in :mod:`._lua`.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from . import _lua
 from ._keys import QueueKeys
 
 __all__ = [
-    "ACK_STATS",
+    "PUSH_GUARD_TTL_MS",
     "Claim",
     "PushResult",
     "QueueKeys",
+    "Stake",
     "ack",
     "claim",
     "dead_letter_entry",
-    "expire_leases",
     "expired_leases",
+    "mark_reclaims",
+    "new_token",
     "push",
-    "set_reclaims",
+    "release",
+    "renew",
     "split_lease",
     "take_over",
 ]
 
-logger = logging.getLogger(__name__)
+#: How long a push's result is remembered for a retry of the same push (longer than any retry takes).
+PUSH_GUARD_TTL_MS = 60_000
 
 
 class PushResult(NamedTuple):
     length: int  # queue length right after the RPUSH, before the trim
     dropped: int  # how many of the oldest events the LTRIM removed
+    repeated: bool = False  # True when this was a retry of a push that had already run
 
 
-async def push(client: aioredis.Redis, keys: QueueKeys, payloads: Sequence[bytes], cap: int) -> PushResult:
-    """Append ``payloads`` atomically: ``MULTI; RPUSH; LTRIM -cap -1; EXEC``.
+async def push(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    payloads: Sequence[bytes],
+    cap: int,
+    *,
+    token: str | None = None,
+) -> PushResult:
+    """Append ``payloads``, trim the queue to ``cap`` (dropping the oldest) and count what was dropped,
+    in one script: atomic, so the count is exact even if this process dies right after.
 
-    The MULTI makes the RPUSH reply the exact length the LTRIM then cut to ``cap``, so this push
-    trimmed exactly ``max(0, length - cap)`` of the oldest (more than it added when the cap was
-    lowered since); that is added to the dropped counter after EXEC (LTRIM reports nothing, and MULTI
-    cannot branch on a reply).
+    Pass the same ``token`` when retrying a push whose outcome is unknown (a timeout): if the first
+    attempt ran, the retry queues nothing and returns the first result. With the RPUSH reply being
+    the length before the trim, this push trimmed exactly ``max(0, length - cap)`` of the oldest (more
+    than it added when the cap was lowered since).
     """
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.rpush(keys.queue, *payloads)
-        pipe.ltrim(keys.queue, -cap, -1)
-        length, _ = await pipe.execute()
-    dropped = max(0, int(length) - cap)
-    if dropped:
-        try:
-            await client.incrby(keys.dropped, dropped)
-        except RedisError as exc:
-            # The events are queued: raising now would make the caller (or its retry) push them
-            # again. Only the count is lost, and said so.
-            logger.error("queue %s: could not count %s dropped event(s): %s", keys.queue, dropped, exc)
-    return PushResult(int(length), dropped)
-
-
-# allow-oom: under maxmemory + noeviction a claim must still run, or the drain (the only thing that
-# frees memory) would stop exactly when Redis is full. The copy is freed again by the ack.
-# RPUSH is chunked: Lua's unpack() fails past a few thousand values.
-_CLAIM = """#!lua flags=allow-oom
-local items = redis.call('LPOP', KEYS[1], ARGV[1])
-if not items then return {} end
-for i = 1, #items, 500 do
-  redis.call('RPUSH', KEYS[3], unpack(items, i, math.min(i + 499, #items)))
-end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
-return items
-"""
-
-# Take over an expired lease only if its score is still the one the caller saw: two drains that saw
-# the same expired lease race here, and exactly one wins.
-_TAKE_OVER = """#!lua flags=allow-oom
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or score ~= ARGV[2] then return false end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-local count = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-return {count, redis.call('LRANGE', KEYS[3], 0, -1)}
-"""
+    guard = keys.push_guard(token or uuid.uuid4().hex)
+    length, dropped, repeated = await _lua.PUSH(
+        client, [keys.queue, keys.dropped, guard], [cap, PUSH_GUARD_TTL_MS, *payloads]
+    )
+    return PushResult(int(length), int(dropped), bool(repeated))
 
 
 class Claim(NamedTuple):
     batch_id: str
     items: list[bytes]
-    reclaims: int  # 0 for a fresh claim; n for the n-th take-over of an expired lease
+    reclaims: int  # 0 for a fresh claim; n for the n-th take-over of a lease whose drain died
+    token: str = ""  # the owner token: ack, split, renew and release act only while it is current
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+class Stake(NamedTuple):
+    """A lease as its owner names it: enough to renew, release or ack it, and nothing else."""
+
+    batch_id: str
+    token: str
 
 
-async def claim(client: aioredis.Redis, keys: QueueKeys, count: int, batch_id: str) -> Claim:
-    """Atomically pop up to ``count`` events into the in-flight list ``batch_id`` and lease it."""
-    items = await client.eval(
-        _CLAIM, 3, keys.queue, keys.leases, keys.inflight(batch_id), count, batch_id, _now_ms()
+def _stakes(claims: Sequence[Claim | Stake]) -> list[str]:
+    args: list[str] = []
+    for c in claims:
+        args += [c.batch_id, c.token]
+    return args
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+async def claim(
+    client: aioredis.Redis, keys: QueueKeys, count: int, batch_id: str, token: str | None = None
+) -> Claim:
+    """Atomically pop up to ``count`` events into the in-flight list ``batch_id`` and lease it to
+    ``token`` (a new one if not given). Run again with the same id and token (a lost reply), it returns
+    the same items and pops nothing."""
+    token = token or new_token()
+    items = await _lua.CLAIM(
+        client, [keys.queue, keys.leases, keys.inflight(batch_id), keys.owners], [count, batch_id, token]
     )
-    return Claim(batch_id, list(items or []), 0)
+    return Claim(batch_id, list(items or []), 0, token)
 
 
 async def expired_leases(
     client: aioredis.Redis, keys: QueueKeys, visibility_timeout: float, limit: int = 100
 ) -> list[tuple[str, str]]:
-    """(batch_id, score as Redis prints it) of leases older than the visibility timeout."""
-    cutoff = _now_ms() - int(visibility_timeout * 1000)
+    """(batch_id, score as Redis prints it) of leases older than the visibility timeout by Redis's
+    clock, or released by their owner (score 0). :func:`take_over` checks again, atomically."""
+    seconds, micros = await client.time()
+    cutoff = int(seconds) * 1000 + int(micros) // 1000 - int(visibility_timeout * 1000)
     rows = cast(
         "list[tuple[bytes | str, float]]",
         await client.zrangebyscore(keys.leases, "-inf", cutoff, start=0, num=limit, withscores=True),
@@ -125,18 +130,26 @@ def _lua_number(score: float) -> str:
     return str(int(score)) if float(score).is_integer() else repr(score)
 
 
-async def take_over(client: aioredis.Redis, keys: QueueKeys, batch_id: str, seen: str) -> Claim | None:
-    """Take over an expired lease; ``None`` when another drain got it first or it was acked."""
-    reply = await client.eval(
-        _TAKE_OVER, 3, keys.leases, keys.reclaims, keys.inflight(batch_id), batch_id, seen, _now_ms()
+async def take_over(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    batch_id: str,
+    seen: str,
+    visibility_timeout: float = 0.0,
+    token: str | None = None,
+) -> Claim | None:
+    """Take over a lease that expired (by Redis's clock, ``visibility_timeout`` seconds without a
+    renewal) or was released; ``None`` when another drain got it first, it was acked, or it is live."""
+    token = token or new_token()
+    reply = await _lua.TAKE_OVER(
+        client,
+        [keys.leases, keys.reclaims, keys.inflight(batch_id), keys.owners],
+        [batch_id, seen, token, int(visibility_timeout * 1000)],
     )
     if not reply:
         return None
     count, items = reply
-    return Claim(batch_id, list(items), int(count))
-
-
-ACK_STATS = ("claimed", "inserted", "duplicates", "dead")
+    return Claim(batch_id, list(items), int(count), token)
 
 
 def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
@@ -146,62 +159,26 @@ def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
     return orjson.dumps(record)
 
 
-# One script, not a MULTI: under maxmemory + noeviction Redis refuses a MULTI holding RPUSH, HINCRBY
-# or HSET as a whole (EXECABORT), so the ack, the only thing that frees the in-flight copies,
-# would fail exactly when Redis is full and the drain would stall for good. A script is as atomic
-# and, with allow-oom, still runs. Release comes last: if a write before it fails, the batch stays
-# in flight and is retried (a repeated dead letter beats a lost one).
-_ACK = """#!lua flags=allow-oom
-local function chunked(list, first, last, command, key)
-  for i = first, last, 500 do
-    if key then
-      redis.call(command, key, unpack(list, i, math.min(i + 499, last)))
-    else
-      redis.call(command, unpack(list, i, math.min(i + 499, last)))
-    end
-  end
-end
-local n_ids = tonumber(ARGV[1])
-local at = 2 + n_ids
-local n_dead = tonumber(ARGV[at])
-at = at + 1
-chunked(ARGV, at, at + n_dead - 1, 'RPUSH', KEYS[1])
-at = at + n_dead
-local n_stats = tonumber(ARGV[at])
-at = at + 1
-for _ = 1, n_stats do
-  redis.call('HINCRBY', KEYS[2], ARGV[at], ARGV[at + 1])
-  at = at + 2
-end
-if ARGV[at] == '1' then
-  redis.call('HSET', KEYS[2], 'last_flush_at', ARGV[at + 1], 'last_summary', ARGV[at + 2])
-end
-chunked(KEYS, 5, 4 + n_ids, 'DEL')
-chunked(ARGV, 2, 1 + n_ids, 'ZREM', KEYS[3])
-chunked(ARGV, 2, 1 + n_ids, 'HDEL', KEYS[4])
-return n_ids
-"""
-
-
 async def ack(
     client: aioredis.Redis,
     keys: QueueKeys,
-    batch_id: str | Sequence[str],
+    claims: Sequence[Claim],
     *,
-    dead_letters: Sequence[bytes] = (),
+    dead_letters: Mapping[str, Sequence[bytes]] | None = None,
     stats: dict[str, int] | None = None,
     summary: bytes | None = None,
-) -> None:
-    """After COMMIT: dead-letter what failed, count, and release the batch, atomically.
-
-    One atomic script (see ``_ACK`` for why not a MULTI), so a crash never leaves a dead letter whose
-    batch is still in flight (it would be dead-lettered twice on reclaim) nor a released batch whose
-    dead letters were not written; and it runs when Redis is at maxmemory. ``batch_id`` may be several
-    ids: a drain that committed several claims in one transaction releases them together.
-    """
-    batch_ids = [batch_id] if isinstance(batch_id, str) else list(batch_id)
+) -> list[bool]:
+    """After COMMIT: for each claim its owner still holds, write its dead letters, count it and
+    release it; then the shared counters (``stats``, e.g. inserted, duplicates) once. Atomic, allowed
+    at maxmemory, fenced and idempotent (see :mod:`._lua`). ``dead_letters`` maps batch ids to their
+    entries. Returns one flag per claim: False for a claim another drain had taken over (its dead
+    letters were not written: the new owner writes them) or that was acked already."""
+    dead = dead_letters or {}
+    args: list[bytes | str | int] = [len(claims)]
+    for c in claims:
+        entries = dead.get(c.batch_id, ())
+        args += [c.batch_id, c.token, len(c.items), len(entries), *entries]
     counters = [(name, value) for name, value in (stats or {}).items() if value]
-    args: list[bytes | str | int] = [len(batch_ids), *batch_ids, len(dead_letters), *dead_letters]
     args.append(len(counters))
     for name, value in counters:
         args += [name, value]
@@ -209,74 +186,49 @@ async def ack(
         args.append("0")
     else:
         args += ["1", repr(time.time()), summary]
-    script_keys = [keys.dead, keys.stats, keys.leases, keys.reclaims, *map(keys.inflight, batch_ids)]
-    await client.eval(_ACK, len(script_keys), *script_keys, *args)
-
-
-# allow-oom for the same reason as _ACK: the poison split must run when Redis is full. It moves items
-# between lists (no net growth) and the old lease goes last, so a failure leaves it to be retried.
-_SPLIT = """#!lua flags=allow-oom
-local n_parts = tonumber(ARGV[3])
-local at = 4
-for part = 1, n_parts do
-  local count = tonumber(ARGV[at + 1])
-  for i = at + 2, at + 1 + count, 500 do
-    redis.call('RPUSH', KEYS[3 + part], unpack(ARGV, i, math.min(i + 499, at + 1 + count)))
-  end
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[at])
-  at = at + 2 + count
-end
-redis.call('DEL', KEYS[3])
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return n_parts
-"""
+    script_keys = [keys.dead, keys.stats, keys.leases, keys.reclaims, keys.owners]
+    script_keys += [keys.inflight(c.batch_id) for c in claims]
+    flags = await _lua.ACK(client, script_keys, args)
+    return [bool(flag) for flag in flags]
 
 
 async def split_lease(
-    client: aioredis.Redis, keys: QueueKeys, batch_id: str, parts: Sequence[tuple[str, Sequence[bytes]]]
-) -> None:
-    """Replace the lease ``batch_id`` by one new lease per ``(new_batch_id, items)``, atomically.
+    client: aioredis.Redis, keys: QueueKeys, taken: Claim, parts: Sequence[tuple[str, Sequence[bytes]]]
+) -> bool:
+    """Replace the lease ``taken`` by one lease per ``(new_batch_id, items)``, owned by the same
+    token, atomically; False (nothing done) when ``taken`` is no longer the caller's.
 
     The drain splits a batch that keeps killing its worker (a poison event) into leases it can try
-    one at a time; a crash while one of them is processed then incriminates only that one. The
-    caller holds the lease (it just took it over), so nobody else is reading the old list. One
-    allow-oom script (see ``_SPLIT``); parts without items get no lease.
-    """
+    one at a time; a crash while one of them is processed then incriminates only that one. Parts
+    without items get no lease."""
     kept = [(new_id, items) for new_id, items in parts if items]
-    args: list[bytes | str | int] = [batch_id, _now_ms(), len(kept)]
+    args: list[bytes | str | int] = [taken.batch_id, taken.token, len(kept)]
     for new_id, items in kept:
         args += [new_id, len(items), *items]
-    script_keys = [keys.leases, keys.reclaims, keys.inflight(batch_id), *(keys.inflight(n) for n, _ in kept)]
-    await client.eval(_SPLIT, len(script_keys), *script_keys, *args)
+    script_keys = [keys.leases, keys.reclaims, keys.owners, keys.inflight(taken.batch_id)]
+    script_keys += [keys.inflight(n) for n, _ in kept]
+    return bool(await _lua.SPLIT(client, script_keys, args))
 
 
-_EXPIRE = """#!lua flags=allow-oom
-for i, batch_id in ipairs(ARGV) do
-  redis.call('ZADD', KEYS[1], 'XX', 0, batch_id)
-  redis.call('HDEL', KEYS[2], batch_id)
-end
-return #ARGV
-"""
+async def renew(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim | Stake]) -> list[bool]:
+    """The heartbeat: refresh the leases still owned (one flag per stake: False = taken over)."""
+    if not stakes:
+        return []
+    flags = await _lua.RENEW(client, [keys.leases, keys.owners], _stakes(stakes))
+    return [bool(flag) for flag in flags]
 
 
-async def expire_leases(client: aioredis.Redis, keys: QueueKeys, batch_ids: Sequence[str]) -> None:
-    """Make leases expired now and forget their take-over counts: for batches a drain could not
-    store through no fault of theirs (PostgreSQL down, table missing), so that the next drain
-    retries them at once instead of after the visibility timeout, and the outage never counts
-    towards the poison limit. The items stay in flight throughout."""
-    if batch_ids:
-        await client.eval(_EXPIRE, 2, keys.leases, keys.reclaims, *batch_ids)
+async def release(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim | Stake]) -> int:
+    """Give leases back for the next drain at once (score 0), keeping their items in flight: for
+    batches a drain could not store through no fault of theirs (PostgreSQL or Redis said no, a
+    shutdown). The next take-over does not count towards the poison limit. Returns how many were
+    still ours."""
+    if not stakes:
+        return 0
+    return int(await _lua.EXPIRE_RELEASE(client, [keys.leases, keys.owners], _stakes(stakes)))
 
 
-_SET_RECLAIMS = """#!lua flags=allow-oom
-return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-"""
-
-
-async def set_reclaims(client: aioredis.Redis, keys: QueueKeys, batch_id: str, count: int) -> None:
-    """Set the take-over count of a lease (the drain marks the split lease it is about to try).
-
-    A script only for allow-oom: a plain HSET is refused when Redis is at maxmemory.
-    """
-    await client.eval(_SET_RECLAIMS, 1, keys.reclaims, batch_id, count)
+async def mark_reclaims(client: aioredis.Redis, keys: QueueKeys, stake: Claim | Stake, count: int) -> bool:
+    """Set the take-over count of a lease the caller owns (the drain marks a split part before it
+    tries it, so a crash on it incriminates that part alone)."""
+    return bool(await _lua.MARK(client, [keys.reclaims, keys.owners], [stake.batch_id, stake.token, count]))

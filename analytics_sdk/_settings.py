@@ -77,9 +77,10 @@ class Settings:
     analytics_max_queue_size: int = 1_000_000
     analytics_key_prefix: str = "analytics"
     analytics_max_metadata_bytes: int = 32 * 1024
-    #: Seconds after which a claimed, unacknowledged batch is taken over by another drain.
-    #: Must exceed ``analytics_task_time_limit``.
-    analytics_visibility_timeout: float = 900.0
+    #: Seconds without a renewal after which a claimed, unacknowledged batch is taken over by another
+    #: drain. A drain at work renews its leases every quarter of this (a heartbeat), so it bounds how
+    #: long a dead worker's batches wait, not how long a drain may take. At least twice the Redis timeout.
+    analytics_visibility_timeout: float = 60.0
     #: Rows per INSERT transaction in the drain (claims are ``analytics_batch_size`` each).
     analytics_insert_batch_size: int = 5_000
     #: Hard and soft time limits of the flush task, in seconds.

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -22,10 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_sdk._event import Event, decode
-from analytics_sdk._queue import Claim, QueueKeys, ack, dead_letter_entry, expire_leases
+from analytics_sdk._queue import Claim, QueueKeys, ack, dead_letter_entry, release
 from analytics_sdk._settings import Settings
 
 from . import _failpoints
@@ -37,6 +39,7 @@ from ._errors import (
     is_transient_conflict,
     sqlstate_of,
 )
+from ._leases import LeaseKeeper, keep_unfinished_ack, keep_unfinished_release, settle
 from .store import InsertResult, insert_events
 
 __all__ = ["BatchWriter", "DrainSummary"]
@@ -50,7 +53,8 @@ _CONFLICT_ATTEMPTS = 3
 class DrainSummary:
     """What one drain did. ``claimed`` counts every event it took (fresh claims and take-overs);
     ``reclaimed`` the part of those taken over from expired leases; ``batches`` the leases released;
-    ``backlog`` the queue length when it stopped; ``budget_spent`` whether the time budget stopped it."""
+    ``backlog`` the queue length when it stopped; ``budget_spent`` whether the time budget stopped it;
+    ``stopped`` whether a worker shutdown did."""
 
     claimed: int = 0
     inserted: int = 0
@@ -61,6 +65,7 @@ class DrainSummary:
     seconds: float = 0.0
     backlog: int = 0
     budget_spent: bool = False
+    stopped: bool = False  # the worker is shutting down: claimed nothing more, released the rest
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -92,6 +97,7 @@ class BatchWriter:
         self.conn = conn
         self.progress = progress
         self.summary = DrainSummary()
+        self.keeper = LeaseKeeper(redis, self.keys, settings.analytics_visibility_timeout)
 
     async def process(self, claims: Sequence[Claim]) -> None:
         """Decode, insert and ack ``claims``; on a connection error leave them in flight and raise."""
@@ -131,8 +137,7 @@ class BatchWriter:
             if lost or conflict or is_connection_error(exc) or is_environment_error(exc):
                 # Not the events' fault: keep them in flight but release them for the next drain
                 # now, and do not let the outage count towards the poison limit.
-                with contextlib.suppress(Exception):
-                    await expire_leases(self.redis, self.keys, [c.batch_id for c in claims])
+                await self.release(claims)
             if lost or conflict:  # retried by the task like an outage
                 what = "PostgreSQL connection lost" if lost else "insert kept deadlocking"
                 raise ConnectionLostError(f"{what}: {type(exc).__name__}: {exc}") from exc
@@ -202,25 +207,67 @@ class BatchWriter:
         right = await self._insert_bisect(events[middle:], raws[middle:], dead)
         return InsertResult(left.inserted + right.inserted, left.duplicates + right.duplicates)
 
+    async def release(self, claims: Sequence[Claim]) -> None:
+        """Give ``claims`` back for the next drain at once (their items stay in flight). Through a
+        Redis stall it keeps trying for a while, then leaves them to the next drain in this process."""
+        if not claims:
+            return
+        self.keeper.drop(claims)
+        try:
+            await settle("release", lambda: release(self.redis, self.keys, claims))
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            keep_unfinished_release(self.keys, claims)
+        except Exception as exc:  # e.g. a refused script: the leases expire on their own
+            logger.warning("could not release %s batch(es): %s", len(claims), exc)
+
     async def ack(self, claims: Sequence[Claim], dead: list[bytes], result: InsertResult) -> None:
-        claimed = sum(len(c.items) for c in claims)
-        stats = {
-            "claimed": claimed,
-            "inserted": result.inserted,
-            "duplicates": result.duplicates,
-            "dead": len(dead),
-        }
-        await ack(self.redis, self.keys, [c.batch_id for c in claims], dead_letters=dead, stats=stats)
+        by_batch = _dead_by_batch(claims, dead)
+        stats = {"inserted": result.inserted, "duplicates": result.duplicates}
+        self.keeper.drop(claims)  # acked leases need no renewal (and would look taken over)
+        try:
+            flags = await settle(
+                "ack", lambda: ack(self.redis, self.keys, claims, dead_letters=by_batch, stats=stats)
+            )
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            keep_unfinished_ack(self.keys, claims, by_batch, stats)
+            raise
+        ours = [c for c, flag in zip(claims, flags, strict=True) if flag]
+        if len(ours) < len(claims):
+            # Another drain took these over while we worked (we were paused past the lease): it owns
+            # them now and writes their dead letters; ours would be second copies.
+            lost = [c.batch_id for c, flag in zip(claims, flags, strict=True) if not flag]
+            logger.warning(
+                "%s batch(es) were taken over by another drain before this one acked them "
+                "(their rows are in; the new owner acks them): %s",
+                len(lost),
+                ", ".join(lost[:5]),
+            )
+        written = [entry for c in ours for entry in by_batch.get(c.batch_id, ())]
         summary = self.summary
-        summary.claimed += claimed
+        summary.claimed += sum(len(c.items) for c in ours)
         summary.inserted += result.inserted
         summary.duplicates += result.duplicates
-        summary.dead_lettered += len(dead)
-        summary.batches += len(claims)
-        if dead:
-            for entry in dead[:3]:
+        summary.dead_lettered += len(written)
+        summary.batches += len(ours)
+        if written:
+            for entry in written[:3]:
                 logger.warning("dead-lettered to %s: %s", self.keys.dead, entry.decode()[:500])
-            if len(dead) > 3:
-                logger.warning("dead-lettered %s more event(s) to %s", len(dead) - 3, self.keys.dead)
+            if len(written) > 3:
+                logger.warning("dead-lettered %s more event(s) to %s", len(written) - 3, self.keys.dead)
         if self.progress is not None:
             self.progress(dataclasses.replace(summary))
+
+
+def _dead_by_batch(claims: Sequence[Claim], dead: list[bytes]) -> dict[str, list[bytes]]:
+    """Which claim each dead letter came from (by its payload), so that each is written only with
+    its own batch's ack. Dead letters are rare: this runs on the slow path only."""
+    if not dead:
+        return {}
+    if len(claims) == 1:
+        return {claims[0].batch_id: dead}
+    origin = {raw.decode("utf-8", errors="backslashreplace"): c.batch_id for c in claims for raw in c.items}
+    by_batch: dict[str, list[bytes]] = {}
+    for entry in dead:
+        batch_id = origin.get(orjson.loads(entry)["payload"], claims[0].batch_id)
+        by_batch.setdefault(batch_id, []).append(entry)
+    return by_batch

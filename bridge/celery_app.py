@@ -4,9 +4,11 @@ Everything comes from ``Settings.from_env()`` (``ANALYTICS_*`` variables): the b
 interval, the time limits. Nothing here opens a connection: the prefork pool forks after import,
 and an async client made before the fork would be shared by every child.
 
-Start-up refuses a configuration that would let two drains own the same batch: the visibility
-timeout (after which another drain takes a batch over) must exceed the task's hard time limit
-(after which the worker kills a drain that is still running), and the soft limit must come first.
+Start-up refuses a configuration that cannot work: the soft time limit must come before the hard one,
+and the visibility timeout must leave the drain's heartbeat (a renewal every quarter of it) room to
+land a renewal even when one times out. The visibility timeout need not exceed the time limits: a
+drain renews its leases while it works, and a drain that was paused past its lease is fenced (its
+late ack does nothing), so two drains never both ack one batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_time_limits(settings: Settings) -> None:
-    """Raise :class:`ConfigurationError` unless soft limit < hard limit < visibility timeout."""
+    """Raise :class:`ConfigurationError` unless soft limit < hard limit and the visibility timeout
+    is at least twice the Redis timeout."""
     hard = settings.analytics_task_time_limit
     if settings.analytics_task_soft_time_limit >= hard:
         raise ConfigurationError(
@@ -34,12 +37,15 @@ def check_time_limits(settings: Settings) -> None:
             settings.analytics_task_soft_time_limit,
             f"must be less than {env_name('analytics_task_time_limit')}={hard}",
         )
-    if settings.analytics_visibility_timeout <= hard:
+    # The heartbeat renews every visibility/4; one renewal may take up to the Redis timeout before it
+    # fails, and the next must still land before the lease runs out: v/4 + T + v/4 <= v.
+    floor = 2 * settings.analytics_redis_timeout
+    if settings.analytics_visibility_timeout < floor:
         raise ConfigurationError(
             env_name("analytics_visibility_timeout"),
             settings.analytics_visibility_timeout,
-            f"must exceed {env_name('analytics_task_time_limit')}={hard}: a drain still running "
-            "when its batch is taken over would insert it twice and ack another drain's lease",
+            f"must be at least 2 x {env_name('analytics_redis_timeout')} = {floor:g}: the drain renews "
+            "its leases every quarter of it, and a renewal may take a Redis timeout to fail",
         )
 
 

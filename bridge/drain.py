@@ -41,15 +41,17 @@ from analytics_sdk._queue import (
     QueueKeys,
     claim,
     dead_letter_entry,
-    expire_leases,
     expired_leases,
-    set_reclaims,
+    mark_reclaims,
+    new_token,
     split_lease,
     take_over,
 )
+from analytics_sdk._redis import redis_client
 from analytics_sdk._settings import Settings
 
-from . import _failpoints
+from . import _failpoints, _shutdown
+from ._leases import settle_unfinished
 from ._writer import BatchWriter, DrainSummary
 from .schema import asyncpg_dsn
 from .store import InsertResult
@@ -90,10 +92,16 @@ class _Drain(BatchWriter):
                 if self.out_of_time():
                     self.summary.budget_spent = True
                     return
+                if _shutdown.stop_requested():
+                    self.summary.stopped = True
+                    return
                 seen.add(batch_id)
-                taken = await take_over(self.redis, self.keys, batch_id, score)
-                if taken is None:  # another drain got it first, or it was acked meanwhile
+                taken = await take_over(
+                    self.redis, self.keys, batch_id, score, self.settings.analytics_visibility_timeout
+                )
+                if taken is None:  # another drain got it first, it was acked, or it is alive after all
                     continue
+                self.keeper.hold([taken])
                 self.summary.reclaimed += len(taken.items)
                 logger.info(
                     "took over expired lease %s (%s events, take-over #%s)",
@@ -121,18 +129,30 @@ class _Drain(BatchWriter):
             await self.ack([taken], dead, InsertResult(0, 0))
             return
         parts = [(uuid.uuid4().hex, [raw]) for raw in taken.items]
-        await split_lease(self.redis, self.keys, taken.batch_id, parts)
+        self.keeper.drop([taken])
+        if not await split_lease(self.redis, self.keys, taken, parts):
+            logger.warning(
+                "lease %s was taken over by another drain before it could be split", taken.batch_id
+            )
+            return
         logger.warning(
             "lease %s was taken over %s times: trying its %s events one lease at a time",
             taken.batch_id,
             taken.reclaims,
             len(parts),
         )
-        for new_id, items in parts:
+        pieces = [Claim(new_id, list(items), 0, taken.token) for new_id, items in parts]
+        self.keeper.hold(pieces)
+        for piece in pieces:
+            if _shutdown.stop_requested() or self.out_of_time():
+                # The untried pieces go back as ordinary leases (not counted as deaths).
+                self.summary.stopped = _shutdown.stop_requested()
+                await self.release([p for p in pieces if p.batch_id in self.keeper.held])
+                return
             # Marked before it is tried: if this one kills the drain, its next take-over exceeds the
             # limit and it alone is dead-lettered; the untried ones come back as ordinary leases.
-            await set_reclaims(self.redis, self.keys, new_id, MAX_RECLAIMS)
-            await self.process([Claim(new_id, items, MAX_RECLAIMS)])
+            if await mark_reclaims(self.redis, self.keys, piece, MAX_RECLAIMS):
+                await self.process([piece._replace(reclaims=MAX_RECLAIMS)])
 
     # -- fresh claims ---------------------------------------------------------------------------
 
@@ -146,6 +166,9 @@ class _Drain(BatchWriter):
         pending: asyncio.Task[None] | None = None
         try:
             while True:
+                if _shutdown.stop_requested():
+                    self.summary.stopped = True
+                    break
                 claims, exhausted = await self._claim_group()
                 if claims:
                     _failpoints.hit("after_claim")
@@ -153,12 +176,15 @@ class _Drain(BatchWriter):
                     if pending is not None:
                         try:
                             await pending
-                        except Exception:
+                        except BaseException:
                             # This group was never tried: release it for the next drain at once
                             # rather than after the visibility timeout.
-                            with contextlib.suppress(Exception):
-                                await expire_leases(self.redis, self.keys, [c.batch_id for c in claims])
+                            await self.release(claims)
                             raise
+                    if _shutdown.stop_requested():  # the worker is stopping: keep nothing claimed ahead
+                        await self.release(claims)
+                        self.summary.stopped = True
+                        break
                     pending = asyncio.create_task(self.store(claims, decoded))
                 if exhausted:
                     break
@@ -180,9 +206,17 @@ class _Drain(BatchWriter):
         claims: list[Claim] = []
         rows = 0
         while rows < per_transaction:
-            taken = await claim(self.redis, self.keys, size, uuid.uuid4().hex)
+            attempt = Claim(uuid.uuid4().hex, [], 0, new_token())
+            try:
+                taken = await claim(self.redis, self.keys, size, attempt.batch_id, attempt.token)
+            except BaseException:
+                # The claim may have run with its reply lost: give back whatever it took, and the
+                # claims already in hand, so they are not stranded until their leases expire.
+                await self.release([*claims, attempt])
+                raise
             if taken.items:
                 claims.append(taken)
+                self.keeper.hold([taken])
                 rows += len(taken.items)
             if len(taken.items) < size:
                 return claims, True
@@ -213,13 +247,11 @@ async def drain(
     started = time.monotonic()
     budget = settings.analytics_drain_time_budget if time_budget is None else time_budget
     keys = QueueKeys(settings.analytics_key_prefix)
-    timeout = settings.analytics_redis_timeout
-    redis = aioredis.Redis.from_url(
-        settings.redis_dsn, socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    redis = redis_client(settings)
     conn: asyncpg.Connection[Any] | None = None
     worker: _Drain | None = None
     try:
+        await settle_unfinished(redis, keys)
         leases = await expired_leases(redis, keys, settings.analytics_visibility_timeout)
         if leases or await redis.llen(keys.queue):
             # Connect only when there is work: an idle beat tick costs two Redis commands.
@@ -232,9 +264,13 @@ async def drain(
                 command_timeout=max(30.0, settings.analytics_visibility_timeout / 3),
             )
             worker = _Drain(settings, redis, conn, started + budget, progress)
-            await worker.reclaim(leases)
-            if not worker.summary.budget_spent:
-                await worker.claim_fresh()
+            worker.keeper.start()
+            try:
+                await worker.reclaim(leases)
+                if not (worker.summary.budget_spent or worker.summary.stopped):
+                    await worker.claim_fresh()
+            finally:
+                await worker.keeper.stop()
         summary = worker.summary if worker is not None else DrainSummary()
         summary.backlog = int(await redis.llen(keys.queue))
         summary.seconds = time.monotonic() - started

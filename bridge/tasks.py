@@ -17,10 +17,12 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_shutting_down
 
 from analytics_sdk._sender import FLUSH_EXPIRES, FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings
 
+from . import _shutdown
 from ._errors import CONNECTION_ERRORS, ConnectionLostError, is_connection_error
 from .celery_app import app
 from .drain import drain
@@ -28,6 +30,15 @@ from .drain import drain
 __all__ = ["flush_analytics_events"]
 
 logger = logging.getLogger(__name__)
+
+# The stop flag is made here, at import, in the worker's main process: before the prefork pool forks,
+# so every pool process shares it (see bridge._shutdown). A warm shutdown raises it.
+_shutdown.arm()
+
+
+@worker_shutting_down.connect
+def _stop_drains(**_: Any) -> None:
+    _shutdown.request_stop()
 
 
 # The queue comes from the app's task_routes (Celery 5.7 deprecates the task's own queue attribute).
@@ -53,7 +64,7 @@ def flush_analytics_events(self: Task[Any, Any], time_budget: float | None = Non
             # e.g. asyncpg's "connection is closed" InterfaceError: give autoretry a type it knows.
             raise ConnectionLostError(f"{type(exc).__name__}: {exc}") from exc
         raise
-    if summary.budget_spent and summary.backlog and not self.request.is_eager:
+    if summary.budget_spent and not summary.stopped and summary.backlog and not self.request.is_eager:
         try:
             self.apply_async(kwargs={"time_budget": time_budget}, queue=FLUSH_QUEUE, expires=FLUSH_EXPIRES)
             logger.info(

@@ -167,9 +167,11 @@ async def collect(settings: Settings) -> Outcome:
 
 
 def quick(settings: Settings, visibility_timeout: float = 1.0) -> Settings:
-    """``settings`` with a short visibility timeout (and time limits below it, as required)."""
+    """``settings`` with a short visibility timeout (time limits below it, and a Redis timeout of at
+    most half of it, as the worker's start-up check requires)."""
     return settings.replace(
         analytics_visibility_timeout=visibility_timeout,
+        analytics_redis_timeout=min(settings.analytics_redis_timeout, visibility_timeout / 2),
         analytics_task_time_limit=visibility_timeout * 0.8,
         analytics_task_soft_time_limit=visibility_timeout * 0.6,
     )
