@@ -239,31 +239,41 @@ def dead_replay(ctx: click.Context, limit: int | None, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def dead_purge(ctx: click.Context, yes: bool) -> None:
-    """Delete the dead letters present now (asks first unless --yes)."""
+    """Delete the dead letters present now (asks first unless --yes).
+
+    Exactly the entries read before the prompt are deleted, by identity: dead letters that arrive,
+    or that a concurrent replay moves, while the prompt is open are never touched.
+    """
     settings = _settings(ctx)
     keys = QueueKeys(settings.analytics_key_prefix)
 
-    async def count() -> int:
+    async def snapshot() -> list[bytes]:
         client = _cli_status.redis_client(settings)
         try:
-            return int(await client.llen(keys.dead))
+            return await _cli_dead.snapshot_dead(client, keys)
         finally:
             await client.aclose()
 
-    async def purge(n: int) -> int:
+    async def purge(confirmed: list[bytes]) -> int:
         client = _cli_status.redis_client(settings)
         try:
-            return await _cli_dead.purge_dead(client, keys, n)
+            return await _cli_dead.purge_dead(client, keys, confirmed)
         finally:
             await client.aclose()
 
-    n = _run(count(), settings)
-    if n == 0:
+    confirmed = _run(snapshot(), settings)
+    if not confirmed:
         click.echo("no dead letters")
         return
+    n = len(confirmed)
     if not yes:
         click.confirm(f"Delete {n} dead letter(s) from {keys.dead}? They cannot be recovered", abort=True)
-    click.echo(f"purged {_run(purge(n), settings)} dead letter(s)")
+    removed = _run(purge(confirmed), settings)
+    gone = n - removed
+    click.echo(
+        f"purged {removed} dead letter(s)"
+        + (f" ({gone} of those confirmed had been re-queued by a replay meanwhile)" if gone else "")
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,10 +20,11 @@ from click.testing import CliRunner, Result
 
 from analytics_sdk import AnalyticsClient, Settings, validate
 from analytics_sdk._queue import QueueKeys, claim, dead_letter_entry, push
-from bridge._cli_dead import purge_dead, replay_dead
+from bridge._cli_dead import purge_dead, replay_dead, snapshot_dead
 from bridge._cli_status import redis_client
 from bridge.cli import main
 from tests.conftest import PG_ADMIN_URL, run_blocking
+from tests.helpers import wait_for_sync
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,17 +214,21 @@ def test_replay_that_crashes_midway_loses_nothing(settings: Settings, sync_redis
 
 def test_purge_removes_only_what_was_confirmed(settings: Settings, sync_redis: redis.Redis) -> None:
     keys = QueueKeys(settings.analytics_key_prefix)
-    sync_redis.rpush(keys.dead, b"old-1", b"old-2", b"arrived-after-the-prompt")
+    sync_redis.rpush(keys.dead, b"old-1", b"twin", b"twin")
 
-    async def go() -> int:
+    async def go() -> tuple[list[bytes], int]:
         client = redis_client(settings)
         try:
-            return await purge_dead(client, keys, 2)
+            confirmed = await snapshot_dead(client, keys)
+            await client.rpush(keys.dead, b"arrived-after-the-prompt", b"twin")
+            return confirmed, await purge_dead(client, keys, confirmed)
         finally:
             await client.aclose()
 
-    assert run_blocking(go()) == 2
-    assert sync_redis.lrange(keys.dead, 0, -1) == [b"arrived-after-the-prompt"]
+    confirmed, removed = run_blocking(go())
+    assert (confirmed, removed) == ([b"old-1", b"twin", b"twin"], 3)
+    # Two equal entries confirmed, two removed: the third twin arrived later and stays.
+    assert sync_redis.lrange(keys.dead, 0, -1) == [b"arrived-after-the-prompt", b"twin"]
 
 
 def test_python_m_bridge_runs_the_cli() -> None:
@@ -238,3 +244,136 @@ def test_python_m_bridge_runs_the_cli() -> None:
     assert proc.returncode == 0, proc.stderr
     for command in ("migrate", "status", "flush", "dead-letters", "demo"):
         assert command in proc.stdout
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "ANALYTICS_REDIS_URL": settings.redis_dsn,
+        "ANALYTICS_KEY_PREFIX": settings.analytics_key_prefix,
+        "ANALYTICS_DATABASE_URL": settings.database_url,
+        "ANALYTICS_BACKLOG_TRIGGER": "0",
+    }
+
+
+class _PromptedPurge:
+    """`analytics-bridge dead-letters purge` in its own process, held at its confirmation prompt."""
+
+    PROMPT = "cannot be recovered"
+
+    def __init__(self, settings: Settings) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "dead-letters", "purge"],
+            env=_cli_env(settings),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.out = bytearray()
+        # The prompt ends without a newline: read bytes as they come, in a thread (no blocking read).
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        wait_for_sync(lambda: self.PROMPT.encode() in self.out, timeout=30, message="purge's prompt")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(4096):
+            self.out += chunk
+
+    def answer(self, text: str) -> tuple[int, str, str]:
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)  # its stderr is a few log lines: no pipe fills up meanwhile
+        self.reader.join(timeout=10)
+        return self.proc.returncode, self.out.decode(), self.proc.stderr.read().decode()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        env=_cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_purge_never_deletes_a_dead_letter_a_concurrent_replay_moved(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """Item 8: purge asks about [A, B]; while its prompt is open a drain dead-letters D and a replay
+    (another process) rotates A behind D. Purging "the first two" would delete B and D, never shown."""
+    keys = QueueKeys(settings.analytics_key_prefix)
+    seen = [dead_letter_entry(f"{{bad-{n}".encode(), "payload: is not JSON") for n in "AB"]
+    sync_redis.rpush(keys.dead, *seen)
+    purge = _PromptedPurge(settings)
+    try:
+        assert "Delete 2 dead letter(s)" in purge.out.decode()
+        unseen = dead_letter_entry(b"{bad-D", "payload: is not JSON")  # what a drain's ack appends
+        sync_redis.rpush(keys.dead, unseen)
+        replay = _run_cli(settings, "dead-letters", "replay", "--limit", "1", "--json")
+        assert replay.returncode == 0, replay.stderr
+        assert orjson.loads(replay.stdout)["kept"] == 1  # A examined, kept, now behind D
+        assert sync_redis.lrange(keys.dead, 0, -1) == [seen[1], unseen, seen[0]]
+        code, out, err = purge.answer("y\n")
+    finally:
+        purge.kill()
+    assert code == 0, err
+    assert "purged 2 dead letter(s)" in out
+    assert sync_redis.lrange(keys.dead, 0, -1) == [unseen]
+
+
+def test_purge_and_replay_in_two_processes_at_once(settings: Settings, sync_redis: redis.Redis) -> None:
+    """Purge confirmed while a whole replay runs in another process: every dead letter that arrived
+    after the prompt survives, dead-lettered still or re-queued; every confirmed one is gone."""
+    keys = QueueKeys(settings.analytics_key_prefix)
+    old_bad = [dead_letter_entry(f"{{old-bad-{n}".encode(), "payload: is not JSON") for n in range(300)]
+    old_good = [dead_letter_entry(validate({"event_type": f"old-{n}"}).encode(), "fixed") for n in range(300)]
+    sync_redis.rpush(keys.dead, *[e for pair in zip(old_bad, old_good, strict=True) for e in pair])
+    purge = _PromptedPurge(settings)
+    try:
+        assert "Delete 600 dead letter(s)" in purge.out.decode()
+        new_good_events = [validate({"event_type": f"new-{n}"}) for n in range(50)]
+        new_bad = [dead_letter_entry(f"{{new-bad-{n}".encode(), "payload: is not JSON") for n in range(50)]
+        new_good = [dead_letter_entry(e.encode(), "fixed") for e in new_good_events]
+        sync_redis.rpush(keys.dead, *[e for pair in zip(new_bad, new_good, strict=True) for e in pair])
+        replay = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "dead-letters", "replay", "--json"],
+            env=_cli_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            # Answer as soon as the replay is under way, so the two really interleave.
+            wait_for_sync(lambda: sync_redis.llen(keys.queue) > 0 or replay.poll() is not None, timeout=30)
+            code, out, err = purge.answer("y\n")
+            replay_out, replay_err = replay.communicate(timeout=120)
+        finally:
+            if replay.poll() is None:
+                replay.kill()
+                replay.wait(timeout=10)
+    finally:
+        purge.kill()
+    assert code == 0, err
+    assert replay.returncode == 0, replay_err.decode()
+    purged = int(out.rsplit("purged ", 1)[1].split()[0])
+    requeued = orjson.loads(replay_out)["requeued"]
+    assert purged + requeued >= 600  # each confirmed entry went one way or the other (or both)
+    left = sync_redis.lrange(keys.dead, 0, -1)
+    queued = {orjson.loads(q)["event_id"] for q in sync_redis.lrange(keys.queue, 0, -1)}
+    assert set(new_bad) <= set(left)  # unseen and still failing: must still be there
+    for entry, event in zip(new_good, new_good_events, strict=True):
+        assert entry in left or event.event_id in queued, "an unseen dead letter vanished"
+    assert not set(left) & (set(old_bad) | set(old_good))  # every confirmed entry is gone
+    assert len(left) == len(set(left))
