@@ -122,7 +122,9 @@ def migrate(ctx: click.Context) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Queue depth and age, in-flight batches, dead letters, drops, last flush, rows.
 
-    Exits 2 when Redis is unreachable (the figures that matter most are missing).
+    Exits 2 when Redis or PostgreSQL is unreachable, refuses the credentials, or the database is
+    missing or not migrated (the figures of the reachable one are still shown, with what to do);
+    warnings alone exit 0.
     """
     settings = _settings(ctx)
     result = _run(_cli_status.collect_status(settings), settings)
@@ -130,7 +132,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         _echo_json({**result, "warnings": _cli_status.warnings_for(result)})
     else:
         click.echo(_cli_status.render_status(result))
-    if "redis_error" in result:
+    if _cli_status.status_failed(result):
         ctx.exit(2)
 
 

@@ -4,10 +4,12 @@ asyncio.run itself)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,19 +32,20 @@ from tests.servers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def invoke(settings: Settings, *args: str, input: str | None = None) -> Result:
+def invoke(settings: Settings, *args: str, input: str | None = None, **extra_env: str) -> Result:
     env = {
         "ANALYTICS_REDIS_URL": settings.redis_dsn,
         "ANALYTICS_KEY_PREFIX": settings.analytics_key_prefix,
         "ANALYTICS_DATABASE_URL": settings.database_url,
         "ANALYTICS_BACKLOG_TRIGGER": "0",
+        **extra_env,
     }
     return CliRunner().invoke(main, list(args), env=env, input=input, catch_exceptions=False)
 
 
-def status_json(settings: Settings) -> dict[str, Any]:
-    result = invoke(settings, "status", "--json")
-    assert result.exit_code == 0, result.output
+def status_json(settings: Settings, exit_code: int = 0, **env: str) -> dict[str, Any]:
+    result = invoke(settings, "status", "--json", **env)
+    assert result.exit_code == exit_code, result.output
     data: dict[str, Any] = orjson.loads(result.stdout)
     return data
 
@@ -90,7 +93,8 @@ def test_status_reports_every_figure(db_settings: Settings, sync_redis: redis.Re
     data = status_json(db_settings)
     assert data["queue"]["depth"] == 4  # 5 tracked - 2 claimed + 3 pushed, capped at 4 -> 2 dropped
     assert data["dropped"] == 2
-    assert data["queue"]["oldest_age_seconds"] >= 0  # the 600 s old ones were claimed or trimmed
+    # The 600 s old ones were claimed (two) or trimmed (one): the head is one tracked just now.
+    assert 0 <= data["queue"]["oldest_age_seconds"] < 60
     assert data["in_flight"]["batches"] == 1
     (batch,) = data["in_flight"]["shown"]
     assert (batch["batch_id"], batch["events"], batch["reclaims"]) == ("batch-under-test", 2, 0)
@@ -105,13 +109,163 @@ def test_status_reports_every_figure(db_settings: Settings, sync_redis: redis.Re
     assert "WARNING: 2 event(s) dropped" in table.stdout
 
 
-def test_status_age_of_the_oldest_event(settings: Settings) -> None:
-    track(settings, 1, created_at=datetime.now(UTC) - timedelta(seconds=500))
-    track(settings, 1)
-    data = status_json(settings)
-    assert 500 <= data["queue"]["oldest_age_seconds"] < 560
-    # The default flush interval is 60 s: an event waiting over three intervals is worth a warning.
-    assert any("the oldest queued event waits for" in w for w in data["warnings"])
+def test_status_age_of_the_oldest_event(db_settings: Settings) -> None:
+    track(db_settings, 1, created_at=datetime.now(UTC) - timedelta(seconds=500))
+    track(db_settings, 1)
+    data = status_json(db_settings)
+    assert 500 <= data["queue"]["oldest_age_seconds"] < 560  # the figure: from the head's created_at
+    # No drain ever finished and the head was created over three (default 60 s) intervals ago, so it
+    # may have waited that long: worth a warning, which says what is known (no drain) and no more.
+    assert [w for w in data["warnings"] if "is a worker" in w] == [
+        "2 event(s) queued and no drain has ever finished for this key prefix: is a worker (and beat)"
+        " running? (`analytics-bridge flush` drains now)"
+    ]
+
+
+def _worker_warnings(data: dict[str, Any]) -> list[str]:
+    return [w for w in data["warnings"] if "is a worker" in w]
+
+
+def test_status_does_not_take_a_backfill_for_a_stopped_worker(db_settings: Settings) -> None:
+    """Item 13: events created two years ago (a backfill) and a drain that finished just now: nothing
+    has waited, so no "is a worker running?" (main warned from the client's created_at)."""
+    assert invoke(db_settings, "flush").exit_code == 0  # a drain finishes: last_flush_at is now
+    track(db_settings, 5, created_at=datetime.now(UTC) - timedelta(days=730))
+    data = status_json(db_settings)
+    assert data["queue"]["oldest_age_seconds"] > 729 * 86400  # the figure is still shown, as created_at
+    assert data["last_flush"]["age_seconds"] < 60
+    assert _worker_warnings(data) == []
+    assert "created" in invoke(db_settings, "status").stdout  # the table says what the age is from
+
+
+def test_status_warns_when_no_drain_finishes_for_three_intervals(db_settings: Settings) -> None:
+    """The warning comes from the drains' own traces: the last flush ages past three intervals while
+    events wait and no lease is fresh; a drain at work (a fresh claim) silences it."""
+    interval = {"ANALYTICS_FLUSH_INTERVAL": "1"}
+    assert invoke(db_settings, "flush", **interval).exit_code == 0
+    track(db_settings, 3)  # created now, queued now
+    assert _worker_warnings(status_json(db_settings, **interval)) == []  # the flush was just now
+
+    def warned() -> list[str]:
+        return _worker_warnings(status_json(db_settings, **interval))
+
+    wait_for_sync(warned, timeout=30, interval=0.5, message="the stale-queue warning")
+    (warning,) = warned()
+    assert warning.startswith("3 event(s) queued, the last drain finished ")
+    assert "(> 3 flush intervals) and none holds a fresh lease: is a worker (and beat) running?" in warning
+
+    async def claim_one() -> None:
+        client = redis_client(db_settings)
+        try:
+            await claim(client, QueueKeys(db_settings.analytics_key_prefix), 1, "at-work")
+        finally:
+            await client.aclose()
+
+    run_blocking(claim_one())  # a drain claimed just now: it is at work, however old the last flush
+    data = status_json(db_settings, **interval)
+    assert data["in_flight"]["newest_age_seconds"] < 3
+    assert _worker_warnings(data) == []
+
+
+def test_status_with_young_events_and_no_drain_yet_only_says_so(db_settings: Settings) -> None:
+    track(db_settings, 2)  # a fresh deployment: events tracked a moment ago, no drain ran yet
+    data = status_json(db_settings)
+    assert _worker_warnings(data) == []
+    assert "no flush recorded yet for this key prefix" in data["warnings"]
+
+
+def test_status_reads_lease_ages_on_redis_clock_and_tolerates_other_scores(
+    db_settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """Ages are Redis TIME minus the score (ms); a score 0 is a lease its drain released, a score
+    ahead of Redis's clock (a fast host clock) is fresh, not negative."""
+    keys = QueueKeys(db_settings.analytics_key_prefix)
+    seconds, micros = sync_redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    sync_redis.zadd(keys.leases, {"released": 0, "expired": now_ms - 1_000_000, "ahead": now_ms + 60_000})
+    for batch in ("released", "expired", "ahead"):
+        sync_redis.rpush(keys.inflight(batch), b"{}")
+    data = status_json(db_settings)
+    shown = {b["batch_id"]: b for b in data["in_flight"]["shown"]}
+    assert (shown["released"]["age_seconds"], shown["released"]["released"]) == (None, True)
+    assert 1000 <= shown["expired"]["age_seconds"] < 1010
+    assert shown["ahead"]["age_seconds"] == 0
+    assert data["in_flight"]["oldest_age_seconds"] == shown["expired"]["age_seconds"]
+    assert data["in_flight"]["newest_age_seconds"] == 0
+    assert "1 in-flight batch(es) past the visibility timeout" in " ".join(data["warnings"])
+    assert "1 in-flight batch(es) released by their drain" in " ".join(data["warnings"])
+    assert "released, reclaimed 0x" in invoke(db_settings, "status").stdout
+
+
+def test_status_exits_2_when_postgresql_is_down(db_settings: Settings) -> None:
+    """Item 12: a probe must see PostgreSQL down in the exit code (main exited 0); the queue figures
+    are still shown."""
+    down = db_settings.replace(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/analytics")
+    track(down, 2)
+    data = status_json(down, exit_code=2)
+    assert data["queue"]["depth"] == 2
+    assert data["database"]["error_kind"] == "unreachable"
+    (warning,) = [w for w in data["warnings"] if "PostgreSQL" in w]
+    assert warning.startswith("PostgreSQL unreachable: ") and "pg_ctlcluster" in warning
+    table = invoke(down, "status")
+    assert table.exit_code == 2 and re.search(r"^rows in table +unknown", table.stdout, re.MULTILINE)
+
+
+@pytest.fixture
+def empty_database(settings: Settings) -> Iterator[str]:
+    """A database that exists but was never migrated: no analytics_events table."""
+    name = f"analytics_unmigrated_{os.getpid()}_{int(time.time() * 1000)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run_blocking(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        run_blocking(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_status_exits_2_on_an_unmigrated_or_missing_database_and_says_migrate(
+    settings: Settings, empty_database: str
+) -> None:
+    for url, kind in (
+        (empty_database, "not_migrated"),
+        (empty_database + "_missing", "no_database"),
+    ):
+        data = status_json(settings.replace(database_url=url), exit_code=2)
+        assert data["database"]["error_kind"] == kind
+        (warning,) = [w for w in data["warnings"] if "PostgreSQL" in w]
+        assert "analytics-bridge migrate" in warning, warning
+        assert "pg_ctlcluster" not in warning  # the server is up: starting it is the wrong advice
+
+
+def test_status_exits_2_on_bad_configuration(db_settings: Settings) -> None:
+    result = invoke(db_settings, "status", ANALYTICS_BATCH_SIZE="abc")
+    assert result.exit_code == 2
+    assert "bad configuration" in result.output
+    assert "ANALYTICS_BATCH_SIZE" in result.output and "abc" in result.output
+
+
+def test_status_advice_fits_the_redis_error(db_settings: Settings) -> None:
+    """A wrong password is not an unreachable server; a server down on another port gets the start
+    command for that port."""
+    wrong = db_settings.replace(redis_url=f"redis://nobody:wrong@{db_settings.redis_dsn.split('//', 1)[1]}")
+    data = status_json(wrong, exit_code=2)
+    (warning,) = [w for w in data["warnings"] if "Redis" in w]
+    assert warning.startswith("Redis refused the credentials: ") and "ANALYTICS_REDIS_URL" in warning
+    assert "redis-server" not in warning
+    assert data["redis_error_kind"] == "auth"
+    port = free_port()
+    down = db_settings.replace(redis_url=f"redis://127.0.0.1:{port}/0", analytics_redis_timeout=2.0)
+    data = status_json(down, exit_code=2)
+    (warning,) = [w for w in data["warnings"] if "Redis" in w]
+    assert warning.startswith("Redis unreachable: ") and f"--port {port} " in warning
+    assert data["database"]["rows"] == 0  # PostgreSQL's figure is still there
 
 
 def test_flush_drains_with_the_task_code_and_status_shows_it(db_settings: Settings) -> None:
