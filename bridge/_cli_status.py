@@ -142,7 +142,9 @@ async def _redis_figures(settings: Settings) -> dict[str, Any]:
             pipe.lindex(keys.queue, 0)
             pipe.zcard(keys.leases)
             pipe.zrange(keys.leases, 0, _SHOWN_BATCHES - 1, withscores=True)
-            pipe.zrange(keys.leases, 0, 0, desc=True, withscores=True)
+            pipe.zrange(
+                keys.leases, -1, -1, withscores=True
+            )  # the highest score: ZRANGE, not ZREVRANGE (ACL)
             pipe.llen(keys.dead)
             pipe.get(keys.dropped)
             pipe.hgetall(keys.stats)
