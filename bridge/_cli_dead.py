@@ -146,7 +146,7 @@ for i = 1, #ARGV do
 end
 return removed
 """
-_PURGE_CHUNK = 500  # entries per script run: bounds how long one run holds Redis
+_PURGE_CHUNK = 100  # entries per script run: bounds how long one run holds Redis (LREM scans from the head)
 
 
 async def snapshot_dead(client: aioredis.Redis, keys: QueueKeys) -> list[bytes]:

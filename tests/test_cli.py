@@ -141,7 +141,7 @@ def test_status_does_not_take_a_backfill_for_a_stopped_worker(db_settings: Setti
 def test_status_warns_when_no_drain_finishes_for_three_intervals(db_settings: Settings) -> None:
     """The warning comes from the drains' own traces: the last flush ages past three intervals while
     events wait and no lease is fresh; a drain at work (a fresh claim) silences it."""
-    interval = {"ANALYTICS_FLUSH_INTERVAL": "1"}
+    interval = {"ANALYTICS_FLUSH_INTERVAL": "2"}  # warned past 6 s: room for a loaded machine
     assert invoke(db_settings, "flush", **interval).exit_code == 0
     track(db_settings, 3)  # created now, queued now
     assert _worker_warnings(status_json(db_settings, **interval)) == []  # the flush was just now
@@ -163,7 +163,7 @@ def test_status_warns_when_no_drain_finishes_for_three_intervals(db_settings: Se
 
     run_blocking(claim_one())  # a drain claimed just now: it is at work, however old the last flush
     data = status_json(db_settings, **interval)
-    assert data["in_flight"]["newest_age_seconds"] < 3
+    assert data["in_flight"]["newest_age_seconds"] < 6
     assert _worker_warnings(data) == []
 
 
