@@ -14,12 +14,18 @@ Replay never takes an entry out of the dead list before its event is safely back
 Exactly as many rotations as the list held at the start are made, so each entry present then is
 looked at once; dead letters a drain adds meanwhile land at the tail behind them and are not touched.
 Run one replay at a time: a second concurrent one is harmless but may queue an event twice (one row).
+
+Purge removes the entries the operator confirmed by identity (their bytes), never by position: a
+replay running meanwhile moves entries and drains append new ones, so "the first n" could be dead
+letters nobody has seen. A lock shared by replay and purge would also do, but it would have to span a
+human prompt and a replay of any length (TTL, renewal, a crashed holder blocking the other command);
+removal by value needs no state and holds against any mix of replays, drains and purges.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +37,7 @@ from analytics_sdk._exceptions import ValidationError
 from analytics_sdk._queue import QueueKeys, push
 from analytics_sdk._settings import Settings
 
-__all__ = ["ReplayResult", "list_dead", "purge_dead", "replay_dead", "shorten"]
+__all__ = ["ReplayResult", "list_dead", "purge_dead", "replay_dead", "shorten", "snapshot_dead"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +134,39 @@ async def replay_dead(
     return result
 
 
-async def purge_dead(client: aioredis.Redis, keys: QueueKeys, count: int) -> int:
-    """Delete the ``count`` oldest dead letters (those the operator confirmed), not newer arrivals."""
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.llen(keys.dead)
-        pipe.ltrim(keys.dead, count, -1)
-        before, _ = await pipe.execute()
-    removed = min(int(before), count)
-    logger.warning("purged %s dead letter(s) from %s", removed, keys.dead)
+# KEYS: dead. ARGV: the entries the operator confirmed, as bytes. Each is removed once, by value and
+# wherever it is now: a concurrent replay rotates entries to the tail and drains append new ones, so a
+# position says nothing about what the operator saw. An entry gone already (replayed meanwhile) removes
+# nothing. LREM count 1 scans from the head, where the oldest, confirmed entries normally are.
+# allow-oom: purging is how an operator frees memory; it must run when Redis is full.
+_PURGE = """#!lua flags=allow-oom
+local removed = 0
+for i = 1, #ARGV do
+  removed = removed + redis.call('LREM', KEYS[1], 1, ARGV[i])
+end
+return removed
+"""
+_PURGE_CHUNK = 100  # entries per script run: bounds how long one run holds Redis (LREM scans from the head)
+
+
+async def snapshot_dead(client: aioredis.Redis, keys: QueueKeys) -> list[bytes]:
+    """Every dead letter present now, in one atomic read: what purge asks the operator about."""
+    return [raw if isinstance(raw, bytes) else raw.encode() for raw in await client.lrange(keys.dead, 0, -1)]
+
+
+async def purge_dead(client: aioredis.Redis, keys: QueueKeys, confirmed: Sequence[bytes]) -> int:
+    """Delete exactly the ``confirmed`` entries (a multiset: two equal entries confirmed, two removed),
+    never one that arrived or moved after they were read; returns how many were removed (fewer when a
+    replay re-queued some meanwhile)."""
+    removed = 0
+    for start in range(0, len(confirmed), _PURGE_CHUNK):
+        chunk = confirmed[start : start + _PURGE_CHUNK]
+        removed += int(await client.eval(_PURGE, 1, keys.dead, *chunk))
+    gone = len(confirmed) - removed
+    logger.warning(
+        "purged %s dead letter(s) from %s%s",
+        removed,
+        keys.dead,
+        f"; {gone} confirmed one(s) had left the list meanwhile (a replay re-queued them)" if gone else "",
+    )
     return removed

@@ -1,25 +1,41 @@
-"""`analytics-bridge status`: read every figure an operator needs, and render it as a table or JSON.
+"""`analytics-bridge status`: read every figure an operator needs (judged and rendered in
+:mod:`._cli_status_report`).
 
 Read-only: it never changes a key. Redis and PostgreSQL are asked separately, so a dead database
-still leaves the queue figures visible (and the other way round).
+still leaves the queue figures visible (and the other way round). Every age is measured against
+Redis's clock (``TIME``), the clock the lease scripts use, not this host's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings, redact_url
 
-__all__ = ["START_POSTGRES", "START_REDIS", "collect_status", "redis_client", "render_status", "warnings_for"]
+from ._cli_status_report import render_status, warnings_for
+
+__all__ = [
+    "START_POSTGRES",
+    "START_REDIS",
+    "collect_status",
+    "redis_client",
+    "render_status",
+    "status_failed",
+    "warnings_for",
+]
 
 #: How to start the services on a machine like the CI's (Debian packages), shown when one is down.
 START_REDIS = (
@@ -30,20 +46,71 @@ START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) 
 
 _SHOWN_BATCHES = 20  # in-flight batches listed one by one (the oldest first); all are counted
 _COUNT_TIMEOUT = 5.0  # seconds for count(*) before falling back to the planner's estimate
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
-    """A Redis client for one CLI command; the caller closes it inside the same event loop."""
+    """A Redis client for one CLI command; the caller closes it inside the same event loop.
+
+    redis-py's own retries are off whatever the URL says: a command or script whose reply was lost
+    must not silently run twice (a replay's LMOVE, a purge's LREM)."""
     timeout = settings.analytics_redis_timeout
-    return aioredis.Redis.from_url(settings.redis_dsn, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = aioredis.Redis.from_url(
+        settings.redis_dsn,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    # from_url lets the URL's query string (retry_on_timeout=true) win over keyword arguments.
+    client.set_retry(Retry(NoBackoff(), 0))
+    kwargs = client.connection_pool.connection_kwargs
+    kwargs["retry_on_timeout"] = False
+    kwargs["retry_on_error"] = []
+    return client
+
+
+def redis_start_hint(settings: Settings) -> str:
+    """How to bring the configured Redis up: the start command only where it fits (this host)."""
+    parts = urlsplit(settings.redis_dsn)
+    if parts.scheme == "unix":
+        return f"start the Redis listening on {parts.path}, or point ANALYTICS_REDIS_URL elsewhere"
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if host in _LOCAL_HOSTS:
+        return f"start it: {START_REDIS.replace('--port 6379', f'--port {port}')}"
+    return f"check that {host}:{port} is up and reachable from here, or point ANALYTICS_REDIS_URL elsewhere"
+
+
+def _redis_error(exc: RedisError | OSError, settings: Settings) -> tuple[str, str]:
+    """(kind, advice) for a Redis failure; the message itself is reported beside it."""
+    if isinstance(exc, AuthenticationError):
+        return "auth", "check the user and password in ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_PASSWORD)"
+    if isinstance(exc, AuthorizationError | NoPermissionError):
+        return "refused", "the Redis user lacks a command or key status reads: see the README's ACL lines"
+    if isinstance(exc, OSError | RedisConnectionError | RedisTimeoutError):
+        return "unreachable", redis_start_hint(settings)
+    return "refused", "see the Redis server's log"
+
+
+def _database_error(exc: BaseException) -> tuple[str, str]:
+    """(kind, advice) for a PostgreSQL failure: unreachable, missing, not migrated or refusing."""
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return "no_database", "run `analytics-bridge migrate` (it creates the database), or fix the URL"
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return "not_migrated", "run `analytics-bridge migrate` against this database"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
+        return "auth", "check the user and password in ANALYTICS_DATABASE_URL"
+    if isinstance(exc, asyncpg.PostgresError):
+        return "refused", f"SQLSTATE {exc.sqlstate}: see the PostgreSQL server's log"
+    return "unreachable", f"start it: {START_POSTGRES}, or point ANALYTICS_DATABASE_URL elsewhere"
 
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _oldest_age(head: bytes | None, now: float) -> tuple[float | None, str | None]:
-    """Age in seconds of the head item from its created_at, or (None, why not)."""
+def _created_age(head: bytes | None, now: float) -> tuple[float | None, str | None]:
+    """Seconds since the head item's ``created_at`` (client-supplied: a backfill is old by design, so
+    this is no measure of waiting), or (None, why not)."""
     if head is None:
         return None, None
     try:
@@ -56,19 +123,43 @@ def _oldest_age(head: bytes | None, now: float) -> tuple[float | None, str | Non
     return max(0.0, now - created.timestamp()), None
 
 
-async def _redis_figures(settings: Settings, now: float) -> dict[str, Any]:
+def _lease_age(score: float, now: float) -> float | None:
+    """Seconds since a lease was last claimed, taken over or renewed; None for a lease its drain
+    released (score 0: due for the next drain at once). A score ahead of Redis's clock (a lease scored
+    by a host clock running fast) counts as fresh, not as a negative age."""
+    if score <= 0:
+        return None
+    return round(max(0.0, now - score / 1000), 3)
+
+
+async def _redis_figures(settings: Settings) -> dict[str, Any]:
     keys = QueueKeys(settings.analytics_key_prefix)
     client = redis_client(settings)
     try:
         async with client.pipeline(transaction=False) as pipe:
+            pipe.time()
             pipe.llen(keys.queue)
             pipe.lindex(keys.queue, 0)
             pipe.zcard(keys.leases)
             pipe.zrange(keys.leases, 0, _SHOWN_BATCHES - 1, withscores=True)
+            pipe.zrange(
+                keys.leases, -1, -1, withscores=True
+            )  # the highest score: ZRANGE, not ZREVRANGE (ACL)
             pipe.llen(keys.dead)
             pipe.get(keys.dropped)
             pipe.hgetall(keys.stats)
-            depth, head, lease_count, leases, dead, dropped, stats = await pipe.execute()
+            (
+                (seconds, micros),
+                depth,
+                head,
+                lease_count,
+                leases,
+                newest,
+                dead,
+                dropped,
+                stats,
+            ) = await pipe.execute()
+        now = int(seconds) + int(micros) / 1e6
         batches = []
         if leases:
             async with client.pipeline(transaction=False) as pipe:
@@ -80,27 +171,33 @@ async def _redis_figures(settings: Settings, now: float) -> dict[str, Any]:
                 batches.append(
                     {
                         "batch_id": _text(member),
-                        "age_seconds": round(max(0.0, now - float(score) / 1000), 3),
+                        "age_seconds": _lease_age(float(score), now),
+                        "released": float(score) <= 0,
                         "events": int(counts[2 * i]),
                         "reclaims": int(counts[2 * i + 1] or 0),
                     }
                 )
     finally:
         await client.aclose()
-    age, age_error = _oldest_age(head, now)
+    age, age_error = _created_age(head, now)
     stats = {_text(k): _text(v) for k, v in stats.items()}
     last_at = float(stats["last_flush_at"]) if stats.get("last_flush_at") else None
     summary = orjson.loads(stats["last_summary"]) if stats.get("last_summary") else None
+    aged = [b["age_seconds"] for b in batches if b["age_seconds"] is not None]
     return {
+        "redis_time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "queue": {
             "depth": int(depth),
             "cap": settings.analytics_max_queue_size,
+            # From the head event's created_at; the "is a worker running?" warning never uses it.
             "oldest_age_seconds": None if age is None else round(age, 3),
             **({"oldest_error": age_error} if age_error else {}),
         },
         "in_flight": {
             "batches": int(lease_count),
-            "oldest_age_seconds": batches[0]["age_seconds"] if batches else None,
+            "oldest_age_seconds": max(aged) if aged else None,
+            # The most recently claimed or renewed lease: a fresh one means a drain is at work.
+            "newest_age_seconds": _lease_age(float(newest[0][1]), now) if newest else None,
             "visibility_timeout": settings.analytics_visibility_timeout,
             "shown": batches,
         },
@@ -111,6 +208,8 @@ async def _redis_figures(settings: Settings, now: float) -> dict[str, Any]:
         if last_at is None
         else {
             "at": datetime.fromtimestamp(last_at, UTC).isoformat(timespec="seconds"),
+            # last_flush_at is written by the drain's host; skew against Redis's clock is seconds,
+            # the warning's threshold is flush intervals.
             "age_seconds": round(max(0.0, now - last_at), 3),
             "summary": summary,
         },
@@ -136,8 +235,8 @@ async def _row_count(database_url: str) -> dict[str, Any]:
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
-    """Every figure of `status`; an unreachable service yields an ``error`` entry, not an exception."""
-    now = time.time()
+    """Every figure of `status`; a failing service yields an error entry (with its kind and the
+    advice that fits it), not an exception."""
     result: dict[str, Any] = {
         "redis": redact_url(settings.redis_dsn),
         "key_prefix": settings.analytics_key_prefix,
@@ -146,110 +245,28 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     redis_part: dict[str, Any] | BaseException
     db_part: dict[str, Any] | BaseException
     redis_part, db_part = await asyncio.gather(
-        _redis_figures(settings, now), _row_count(settings.database_url), return_exceptions=True
+        _redis_figures(settings), _row_count(settings.database_url), return_exceptions=True
     )
     if isinstance(redis_part, BaseException):
         if not isinstance(redis_part, RedisError | OSError):
             raise redis_part
-        result["redis_error"] = str(redis_part)
+        kind, advice = _redis_error(redis_part, settings)
+        result.update(redis_error=str(redis_part), redis_error_kind=kind, redis_advice=advice)
     else:
         result.update(redis_part)
     database: dict[str, Any] = {"url": redact_url(settings.database_url)}
     if isinstance(db_part, BaseException):
         if not isinstance(db_part, OSError | asyncpg.PostgresError | TimeoutError):
             raise db_part
-        database["error"] = str(db_part) or type(db_part).__name__
+        kind, advice = _database_error(db_part)
+        database.update(error=str(db_part) or type(db_part).__name__, error_kind=kind, advice=advice)
     else:
         database.update(db_part)
     result["database"] = database
     return result
 
 
-def warnings_for(status: dict[str, Any]) -> list[str]:
-    """What needs an operator's attention, one line each (the README says what to do)."""
-    out = []
-    interval = float(status["flush_interval"])
-    if "redis_error" in status:
-        out.append(f"Redis unreachable: {status['redis_error']}; start it: {START_REDIS}")
-    if "error" in status["database"]:
-        error = status["database"]["error"]
-        if "does not exist" in error:
-            out.append(f"PostgreSQL: {error}; run `analytics-bridge migrate`")
-        else:
-            out.append(f"PostgreSQL unreachable: {error}; start it: {START_POSTGRES}")
-    if "queue" not in status:
-        return out
-    age = status["queue"]["oldest_age_seconds"]
-    if age is not None and age > 3 * interval:
-        out.append(
-            f"the oldest queued event waits for {age:.0f}s (> 3 flush intervals): is a worker running?"
-        )
-    if status["queue"]["depth"] >= 0.8 * status["queue"]["cap"]:
-        out.append("the queue is at 80% of its cap: events will be dropped; add workers")
-    expired = [
-        b
-        for b in status["in_flight"]["shown"]
-        if b["age_seconds"] > status["in_flight"]["visibility_timeout"]
-    ]
-    if expired:
-        out.append(
-            f"{len(expired)} in-flight batch(es) past the visibility timeout: the next drain reclaims them"
-        )
-    if status["dead_letters"]:
-        out.append(f"{status['dead_letters']} dead letter(s): see `analytics-bridge dead-letters list`")
-    if status["dropped"]:
-        out.append(f"{status['dropped']} event(s) dropped by the queue cap since the counter was created")
-    last = status["last_flush"]
-    if last is None:
-        out.append("no flush recorded yet for this key prefix")
-    elif last["age_seconds"] > 3 * interval and status["queue"]["depth"]:
-        out.append(f"the last flush was {last['age_seconds']:.0f}s ago with events waiting: is beat running?")
-    return out
-
-
-def _age(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f}s"
-
-
-def render_status(status: dict[str, Any]) -> str:
-    """The readable table of `status`."""
-    lines = [("redis", f"{status['redis']}  (prefix {status['key_prefix']!r})")]
-    if "queue" in status:
-        queue, flight = status["queue"], status["in_flight"]
-        oldest = queue.get("oldest_error") or _age(queue["oldest_age_seconds"])
-        lines += [
-            ("queue depth", f"{queue['depth']:,} of cap {queue['cap']:,}"),
-            ("oldest queued", oldest),
-            ("in-flight batches", f"{flight['batches']}  (oldest {_age(flight['oldest_age_seconds'])})"),
-        ]
-        for batch in flight["shown"]:
-            lines.append(
-                (
-                    "",
-                    f"  {batch['batch_id']}: {batch['events']} events, age {batch['age_seconds']:.1f}s,"
-                    f" reclaimed {batch['reclaims']}x",
-                )
-            )
-        totals = status["totals"]
-        lines += [
-            ("dead letters", f"{status['dead_letters']:,}"),
-            ("dropped (cap)", f"{status['dropped']:,}"),
-            ("totals", ", ".join(f"{k} {v:,}" for k, v in totals.items())),
-        ]
-        last = status["last_flush"]
-        if last is None:
-            lines.append(("last flush", "never"))
-        else:
-            lines.append(("last flush", f"{last['at']} ({_age(last['age_seconds'])} ago)"))
-            summary = last["summary"] or {}
-            lines.append(("", "  " + ", ".join(f"{k} {v}" for k, v in summary.items())))
-    database = status["database"]
-    if "error" in database:
-        lines.append(("rows in table", f"unknown ({database['url']})"))
-    else:
-        approx = "~" if database["estimated"] else ""
-        lines.append(("rows in table", f"{approx}{database['rows']:,}  ({database['url']})"))
-    width = max(len(label) for label, _ in lines)
-    text = [f"{label:<{width}}  {value}" for label, value in lines]
-    text += [f"WARNING: {w}" for w in warnings_for(status)]
-    return "\n".join(text)
+def status_failed(status: dict[str, Any]) -> bool:
+    """True when a figure is missing because a service is unreachable, unconfigured or not migrated:
+    `status` then exits 2, so a probe can rely on the exit code alone."""
+    return "redis_error" in status or "error" in status["database"]

@@ -122,7 +122,9 @@ def migrate(ctx: click.Context) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Queue depth and age, in-flight batches, dead letters, drops, last flush, rows.
 
-    Exits 2 when Redis is unreachable (the figures that matter most are missing).
+    Exits 2 when Redis or PostgreSQL is unreachable, refuses the credentials, or the database is
+    missing or not migrated (the figures of the reachable one are still shown, with what to do);
+    warnings alone exit 0.
     """
     settings = _settings(ctx)
     result = _run(_cli_status.collect_status(settings), settings)
@@ -130,7 +132,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         _echo_json({**result, "warnings": _cli_status.warnings_for(result)})
     else:
         click.echo(_cli_status.render_status(result))
-    if "redis_error" in result:
+    if _cli_status.status_failed(result):
         ctx.exit(2)
 
 
@@ -239,31 +241,41 @@ def dead_replay(ctx: click.Context, limit: int | None, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def dead_purge(ctx: click.Context, yes: bool) -> None:
-    """Delete the dead letters present now (asks first unless --yes)."""
+    """Delete the dead letters present now (asks first unless --yes).
+
+    Exactly the entries read before the prompt are deleted, by identity: dead letters that arrive,
+    or that a concurrent replay moves, while the prompt is open are never touched.
+    """
     settings = _settings(ctx)
     keys = QueueKeys(settings.analytics_key_prefix)
 
-    async def count() -> int:
+    async def snapshot() -> list[bytes]:
         client = _cli_status.redis_client(settings)
         try:
-            return int(await client.llen(keys.dead))
+            return await _cli_dead.snapshot_dead(client, keys)
         finally:
             await client.aclose()
 
-    async def purge(n: int) -> int:
+    async def purge(confirmed: list[bytes]) -> int:
         client = _cli_status.redis_client(settings)
         try:
-            return await _cli_dead.purge_dead(client, keys, n)
+            return await _cli_dead.purge_dead(client, keys, confirmed)
         finally:
             await client.aclose()
 
-    n = _run(count(), settings)
-    if n == 0:
+    confirmed = _run(snapshot(), settings)
+    if not confirmed:
         click.echo("no dead letters")
         return
+    n = len(confirmed)
     if not yes:
         click.confirm(f"Delete {n} dead letter(s) from {keys.dead}? They cannot be recovered", abort=True)
-    click.echo(f"purged {_run(purge(n), settings)} dead letter(s)")
+    removed = _run(purge(confirmed), settings)
+    gone = n - removed
+    click.echo(
+        f"purged {removed} dead letter(s)"
+        + (f" ({gone} of those confirmed had been re-queued by a replay meanwhile)" if gone else "")
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
