@@ -15,14 +15,12 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_sdk._queue import QueueKeys
+from analytics_sdk._redis import redis_client
 from analytics_sdk._settings import Settings, redact_url
 
 from ._cli_status_report import render_status, warnings_for
@@ -47,26 +45,6 @@ START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) 
 _SHOWN_BATCHES = 20  # in-flight batches listed one by one (the oldest first); all are counted
 _COUNT_TIMEOUT = 5.0  # seconds for count(*) before falling back to the planner's estimate
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """A Redis client for one CLI command; the caller closes it inside the same event loop.
-
-    redis-py's own retries are off whatever the URL says: a command or script whose reply was lost
-    must not silently run twice (a replay's LMOVE, a purge's LREM)."""
-    timeout = settings.analytics_redis_timeout
-    client = aioredis.Redis.from_url(
-        settings.redis_dsn,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-    # from_url lets the URL's query string (retry_on_timeout=true) win over keyword arguments.
-    client.set_retry(Retry(NoBackoff(), 0))
-    kwargs = client.connection_pool.connection_kwargs
-    kwargs["retry_on_timeout"] = False
-    kwargs["retry_on_error"] = []
-    return client
 
 
 def redis_start_hint(settings: Settings) -> str:
