@@ -186,8 +186,7 @@ async def _redis_figures(settings: Settings) -> dict[str, Any]:
         if last_at is None
         else {
             "at": datetime.fromtimestamp(last_at, UTC).isoformat(timespec="seconds"),
-            # last_flush_at is written by the drain's host; skew against Redis's clock is seconds,
-            # the warning's threshold is flush intervals.
+            # the drain writes last_flush_at from Redis's TIME, the same clock as ``now``
             "age_seconds": round(max(0.0, now - last_at), 3),
             "summary": summary,
         },

@@ -276,7 +276,9 @@ async def drain(
         summary.seconds = time.monotonic() - started
         line = orjson.dumps(summary.as_dict())
         try:
-            await redis.hset(keys.stats, mapping={"last_flush_at": time.time(), "last_summary": line})
+            seconds, micros = await redis.time()  # Redis's clock, the one `status` compares with
+            finished = int(seconds) + int(micros) / 1e6
+            await redis.hset(keys.stats, mapping={"last_flush_at": finished, "last_summary": line})
         except ResponseError as exc:  # OOM at maxmemory: the work is done, only `status` misses it
             logger.warning("could not record the drain summary in %s: %s", keys.stats, exc)
     except BaseException as exc:
