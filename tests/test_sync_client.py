@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+from helpers import wait_for_sync
 from redis.exceptions import ConnectionError as RedisConnectionError
 from servers import free_port, start_redis
 
@@ -26,6 +27,7 @@ from analytics_sdk import (
     ValidationError,
     decode,
 )
+from analytics_sdk._breaker import PROBE_INTERVAL
 from analytics_sdk._queue import QueueKeys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,8 +137,16 @@ def test_publish_error_reaches_every_waiting_thread(tmp_path: Path) -> None:
             for outcome in outcomes.values():
                 assert isinstance(outcome, PublishError), outcome
                 assert isinstance(outcome.__cause__, RedisConnectionError | OSError), repr(outcome.__cause__)
+            started = time.monotonic()
+            with pytest.raises(PublishError, match="not answering"):  # known down: at once
+                client.track("while-down")
+            assert time.monotonic() - started < 0.1
             server.start()
-            assert client.track("back")  # the same client works again once Redis is back
+            runtime = client._runtime
+            assert runtime is not None
+            # The same client works again once Redis is back: its probe sees it within about one interval.
+            wait_for_sync(lambda: not runtime.client._breaker.is_open, timeout=PROBE_INTERVAL + 5)
+            assert client.track("back")
 
 
 def test_events_handed_over_after_the_loop_ended_fail_at_once(settings: Settings) -> None:
