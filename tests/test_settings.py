@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -198,10 +199,8 @@ def test_bad_value_names_variable_and_value(variable: str, value: str) -> None:
     # check after it failed ("0" -> 0). Compared whole, so " " must show as ' ', not as nothing.
     given = {repr(value)}
     for parse in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             given.add(repr(parse(value)))
-        except ValueError:
-            pass
     assert repr(exc.value) in given, (exc.value, value)
     assert str(exc) == f"{variable}={shorten(exc.value)}: {exc.reason}"
 
