@@ -198,7 +198,7 @@ async def test_stopped_server_raises_after_bounded_retries(
     started = time.monotonic()
     with pytest.raises(PublishError, match="not answering") as info:
         await client.track("while-down")
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 0.2  # at once, not after retries
     assert isinstance(info.value.__cause__, RedisConnectionError | OSError)
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == len(retried)
     # The same client works again once Redis is back: its probe sees it within about one interval.

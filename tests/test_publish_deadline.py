@@ -80,12 +80,12 @@ async def test_hung_redis_fails_within_the_deadline_then_at_once_then_recovers(
             started = time.monotonic()
             with pytest.raises(PublishError, match="not answering") as info:
                 await client.track("while-open")
-            assert time.monotonic() - started < 0.05
+            assert time.monotonic() - started < 0.2  # at once, against a 2 s deadline
             assert info.value.__cause__ is not None
         started = time.monotonic()
         with pytest.raises(PublishError, match="not answering"):
             await client.get_queue_size()
-        assert time.monotonic() - started < 0.05
+        assert time.monotonic() - started < 0.2  # at once, against a 2 s deadline
         await asyncio.sleep(3 * PROBE_INTERVAL)  # the probe keeps failing against the hung server
         assert client._breaker.is_open
         # 3. Redis answers on that port again: the probe closes the breaker, track() succeeds.
@@ -124,7 +124,7 @@ def test_sync_client_against_a_hung_redis(hung: HungServer, tmp_path: Path) -> N
             started = time.monotonic()
             with pytest.raises(PublishError, match="not answering"):
                 client.track("while-open")
-            assert time.monotonic() - started < 0.05
+            assert time.monotonic() - started < 0.2  # at once, against a 2 s deadline
         server = revive(hung, tmp_path)
         try:
             runtime = client._runtime

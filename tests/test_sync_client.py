@@ -140,7 +140,7 @@ def test_publish_error_reaches_every_waiting_thread(tmp_path: Path) -> None:
             started = time.monotonic()
             with pytest.raises(PublishError, match="not answering"):  # known down: at once
                 client.track("while-down")
-            assert time.monotonic() - started < 0.1
+            assert time.monotonic() - started < 0.2  # at once, not after retries
             server.start()
             runtime = client._runtime
             assert runtime is not None
