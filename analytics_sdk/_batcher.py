@@ -6,6 +6,11 @@ Redis has acknowledged the MULTI that carried its own event. A lone caller pays 
 trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
 Redis makes each MULTI atomic.
 
+Every event carries a deadline, ``ANALYTICS_PUBLISH_TIMEOUT`` after it was handed over: a MULTI is
+tried (and retried) only until the earliest deadline of the events it carries, and an event whose
+deadline passed while it waited is failed unsent. When a push gives up because Redis did not answer,
+the client's :class:`._breaker.Breaker` opens and every waiting event fails at once.
+
 Other threads hand events over with :meth:`GroupCommit.submit_threadsafe` (SyncAnalyticsClient): an
 append to a deque and, only when none is pending already, one wake-up of the loop; the loop moves
 them onto the same waiting list, so events from many threads share one MULTI too.
@@ -17,18 +22,16 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import random
+import time
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._breaker import Breaker, push_with_retry
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
-from ._queue import PushResult, push
+from ._queue import PushResult
 from ._settings import Settings
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "GroupCommit"]
@@ -40,7 +43,8 @@ MAX_BATCH_BYTES = 1 << 20
 
 # An async caller's future or a thread's: both have done(), set_result() and set_exception().
 _Future: TypeAlias = "asyncio.Future[None] | concurrent.futures.Future[None]"
-_Waiter = tuple[list[bytes], int, _Future]  # (payloads, their bytes, the caller's future)
+# (payloads, their bytes, the caller's future, its deadline in time.monotonic() seconds)
+_Waiter = tuple[list[bytes], int, _Future, float]
 _INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 
 
@@ -85,11 +89,17 @@ class GroupCommit:
     """
 
     def __init__(
-        self, settings: Settings, keys: QueueKeys, on_pushed: Callable[[aioredis.Redis, PushResult], None]
+        self,
+        settings: Settings,
+        keys: QueueKeys,
+        on_pushed: Callable[[aioredis.Redis, PushResult], None],
+        breaker: Breaker,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self._on_pushed = on_pushed
+        self.breaker = breaker
+        self._timeout = settings.analytics_publish_timeout
         self._waiting: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None
         # Thread side (see submit_threadsafe): the inbox, whether the loop will look at it without
@@ -105,7 +115,11 @@ class GroupCommit:
     ) -> asyncio.Future[None]:
         """Queue ``payloads`` for the next MULTI; the future resolves once Redis acknowledged them."""
         future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((payloads, sum(map(len, payloads)) if size < 0 else size, future))
+        if self.breaker.is_open:
+            future.set_exception(self.breaker.error())
+            return future
+        weight = sum(map(len, payloads)) if size < 0 else size
+        self._waiting.append((payloads, weight, future, time.monotonic() + self._timeout))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_loop(client))
         return future
@@ -149,7 +163,11 @@ class GroupCommit:
         schedule; the second wake-up finds less to do. (The GIL orders these plain reads/writes.)
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._inbox.append((payloads, sum(map(len, payloads)) if size < 0 else size, future))
+        if self.breaker.is_open:  # a plain read from this thread: fail fast without waking the loop
+            future.set_exception(self.breaker.error())
+            return future
+        weight = sum(map(len, payloads)) if size < 0 else size
+        self._inbox.append((payloads, weight, future, time.monotonic() + self._timeout))
         if not self._wake_pending:
             self._wake_pending = True
             try:
@@ -171,7 +189,7 @@ class GroupCommit:
         try:
             client = self._connect()
         except Exception as exc:  # not a closed client: close() marked this engine closed first
-            for _, _, future in taken:
+            for _, _, future, _ in taken:
                 error = PublishError(f"could not start pushing: {exc}")
                 error.__cause__ = exc
                 _settle(future, error)
@@ -185,7 +203,7 @@ class GroupCommit:
     def _admit(self, taken: list[_Waiter]) -> bool:
         """Put handed-over events on the waiting list, or fail them once the client is closing."""
         if self._closed:
-            for _, _, future in taken:
+            for _, _, future, _ in taken:
                 _settle(future, ClientClosedError("the client is closed; create a new one"))
             return False
         self._waiting += taken
@@ -199,28 +217,34 @@ class GroupCommit:
         """
         self._wake_pending = False  # before popping, for the same reason as in _take_inbox
         pending, self._waiting = [*self._waiting, *_pop_all(self._inbox)], []
-        for _, _, future in pending:
+        for _, _, future, _ in pending:
             _settle(future, ClientClosedError("the client was closed before this event was pushed"))
 
     # -- the push loop ------------------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[bytes], list[_Future]]:
+    def _take_batch(self) -> tuple[list[bytes], list[_Future], float]:
+        """The next MULTI's payloads, their callers' futures, and the earliest of their deadlines."""
         batch: list[bytes] = []
         futures: list[_Future] = []
-        size = 0
-        taken = 0
-        for payloads, weight, future in self._waiting:
+        size = taken = 0
+        deadline = now = time.monotonic()
+        for payloads, weight, future, due in self._waiting:
             if future.done():  # its caller was cancelled before the send: never pushed
+                taken += 1
+                continue
+            if due <= now:  # waited out its whole publish timeout behind earlier MULTIs: never sent
+                _settle(future, PublishError(f"not sent: no MULTI could take it within {self._timeout}s"))
                 taken += 1
                 continue
             if batch and (len(batch) + len(payloads) > MAX_BATCH_EVENTS or size + weight > MAX_BATCH_BYTES):
                 break
+            deadline = due if not batch else min(deadline, due)
             batch.extend(payloads)
             futures.append(future)
             size += weight
             taken += 1
         del self._waiting[:taken]
-        return batch, futures
+        return batch, futures, deadline
 
     async def _flush_loop(self, client: aioredis.Redis) -> None:
         futures: list[_Future] = []
@@ -228,6 +252,10 @@ class GroupCommit:
             while True:
                 if self._inbox:  # handed over by threads while the last MULTI was out
                     self._admit(_pop_all(self._inbox))
+                if self.breaker.is_open:  # Redis is known down: nobody waits for it
+                    for _, _, future, _ in self._waiting:
+                        _settle(future, self.breaker.error())
+                    self._waiting.clear()
                 if not self._waiting:
                     # Going idle: from now on threads must wake the loop. Clear, then look once more
                     # (see submit_threadsafe); keep going if an append got in before the clearing.
@@ -236,13 +264,15 @@ class GroupCommit:
                         break
                     self._wake_pending = True
                     continue
-                batch, futures = self._take_batch()
+                batch, futures, deadline = self._take_batch()
                 if not batch:  # only empty payloads: nothing to send, nobody left waiting
                     for future in futures:
                         _settle(future)
                     continue
                 try:
-                    result = await self._push_with_retry(client, batch)
+                    result = await push_with_retry(
+                        client, self.keys, batch, self.settings, self.breaker, deadline
+                    )
                 except PublishError as exc:
                     for future in futures:  # each caller its own error, chained to the Redis one
                         _settle(future, _publish_error(str(exc), exc.__cause__))
@@ -255,31 +285,9 @@ class GroupCommit:
             # batch was in flight (off _waiting already), nor those queued, nor those in the inbox
             # (the flag cleared first, so that threads handing over later wake the loop themselves).
             self._wake_pending = False
-            for future in [*futures, *(f for _, _, f in [*self._waiting, *_pop_all(self._inbox)])]:
+            for future in [*futures, *(f for _, _, f, _ in [*self._waiting, *_pop_all(self._inbox)])]:
                 _settle(future, _publish_error(f"the client's push loop stopped: {exc!r}", exc))
             self._waiting.clear()
             raise
         finally:
             self._flusher = None
-
-    async def _push_with_retry(self, client: aioredis.Redis, batch: list[bytes]) -> PushResult:
-        retries = self.settings.analytics_publish_retries
-        for attempt in range(retries + 1):
-            try:
-                return await push(client, self.keys, batch, self.settings.analytics_max_queue_size)
-            except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
-                raise PublishError(f"Redis refused the credentials: {exc}") from exc
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # A MULTI that timed out may have run: re-sending can queue an event twice, which
-                # the sink's ON CONFLICT (event_id) turns back into one row.
-                if attempt == retries:
-                    raise PublishError(
-                        f"Redis did not acknowledge {len(batch)} event(s) after {retries + 1} attempts: {exc}"
-                    ) from exc
-                delay = min(1.0, 0.05 * 2**attempt) * (0.5 + random.random())
-                logger.warning("push of %s event(s) failed (%s); retrying in %.2fs", len(batch), exc, delay)
-                await asyncio.sleep(delay)
-            except RedisError as exc:
-                # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
-                raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
-        raise AssertionError("unreachable")

@@ -5,6 +5,10 @@ while a pipeline is in flight wait together and go in the next single MULTI. Eac
 once Redis has acknowledged the MULTI that carried its own event. A lone caller pays exactly one round
 trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and Redis
 makes each MULTI atomic. The client keeps the public API, its lifecycle and the backlog trigger.
+
+Reads coalesce the same way (:mod:`._reads`), so one client needs a handful of connections at most:
+its pool is capped at ``MAX_CONNECTIONS`` and a caller waits for a free one (within its deadline)
+instead of failing. Once Redis is known down, calls fail at once (:mod:`._breaker`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -21,21 +26,26 @@ import anyio.to_thread
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from ._batcher import GroupCommit
+from ._breaker import Breaker
 from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
 from ._queue import PushResult
+from ._reads import SizeReader
 from ._sender import TaskSender
 from ._settings import Settings, redact_url
 
-__all__ = ["AnalyticsClient"]
+__all__ = ["MAX_CONNECTIONS", "AnalyticsClient"]
 
 logger = logging.getLogger(__name__)
 
 _DROP_LOG_EVERY = 10.0  # seconds between warnings about events dropped by the cap
+#: Connections one client may open: one push and one LLEN at a time, the breaker's PING, the backlog
+#: trigger's SET; the rest is headroom. redis-py 8's own default (100, then MaxConnectionsError at
+#: once) is replaced by a blocking pool: past the cap a command waits for a connection.
+MAX_CONNECTIONS = 8
 
 # Bumped in every forked child: track() compares an int instead of paying a getpid() syscall per call.
 _forks = [0]
@@ -60,7 +70,11 @@ class AnalyticsClient:
         self._pid = os.getpid()
         self._forks = _forks[0]
         self._metadata_limit = self.settings.analytics_max_metadata_bytes
-        self._batcher = GroupCommit(self.settings, self.keys, self._after_push)
+        self._breaker = Breaker(
+            redact_url(self.settings.redis_dsn) or "", self.settings.analytics_publish_timeout
+        )
+        self._batcher = GroupCommit(self.settings, self.keys, self._after_push, self._breaker)
+        self._sizes = SizeReader(self.keys, self._breaker, self.settings.analytics_publish_timeout)
         self._background: set[asyncio.Task[Any]] = set()
         self._trigger_after = 0.0  # monotonic time before which no backlog flush is attempted
         self._dropped_unlogged = 0
@@ -96,9 +110,32 @@ class AnalyticsClient:
         await self._enqueue([raw], len(raw))
         return event_id
 
-    async def track_event(self, event_type: str, **fields: Any) -> str:
-        """The older service's name for :meth:`track`; same fields, same behaviour."""
-        return await self.track(event_type, **fields)
+    async def track_event(
+        self,
+        event_type: str,
+        user_id: str | int | None = None,
+        session_id: str | None = None,
+        entity_type: str | None = None,
+        entity_id: str | int | None = None,
+        event_metadata: Mapping[str, Any] | str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+        referrer: str | None = None,
+        created_at: datetime | str | None = None,
+    ) -> str:
+        """The older service's call, with its signature (positional or keyword); same as :meth:`track`."""
+        return await self.track(
+            event_type,
+            user_id=user_id,
+            session_id=session_id,
+            entity_type=entity_type,
+            entity_id=entity_id,
+            event_metadata=event_metadata,
+            ip_address=ip_address,
+            user_agent=user_agent,
+            referrer=referrer,
+            created_at=created_at,
+        )
 
     async def track_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
         """Validate every event first (one bad event pushes none), then push all in one MULTI."""
@@ -113,12 +150,11 @@ class AnalyticsClient:
         return [event_id for event_id, _ in encoded]
 
     async def get_queue_size(self) -> int:
-        """Events waiting in the Redis queue (not counting batches a drain has claimed)."""
-        client = self._get_redis()
-        try:
-            return int(await client.llen(self.keys.queue))
-        except RedisError as exc:
-            raise PublishError(f"could not read the queue length: {exc}") from exc
+        """Events waiting in the Redis queue (not counting batches a drain has claimed).
+
+        Concurrent callers share one LLEN (see :mod:`._reads`), bounded by the publish timeout.
+        """
+        return await self._sizes.read(self._get_redis())
 
     async def flush_events_now(self) -> str:
         """Ask a bridge worker to drain the queue now; returns the Celery task id."""
@@ -129,18 +165,37 @@ class AnalyticsClient:
             raise PublishError(f"could not send the flush task to the broker: {exc}") from exc
 
     async def aclose(self) -> None:
-        """Wait for events already handed to the client, then release its connections. Idempotent."""
+        """Wait for events already handed to the client, then release its connections. Idempotent.
+
+        A client whose loop has ended (used under one ``asyncio.run``, closed under another) has
+        nothing left to wait for: what belonged to that loop is dropped without awaiting on it, and
+        its sockets are closed as they are collected. Closing from another loop while the client's
+        own is still open raises :class:`AnalyticsError`: close it there.
+        """
         if self._closed:
             return
+        loop = self._loop
+        dead = loop is not None and loop is not asyncio.get_running_loop()
+        if dead and not loop.is_closed():  # type: ignore[union-attr]
+            raise AnalyticsError("this AnalyticsClient belongs to another event loop; close it there")
         self._closed = True
         self._batcher.close()
-        await self._batcher.wait_idle()
-        for task in list(self._background):
-            task.cancel()
-        if self._background:
-            await asyncio.wait(self._background)
+        if dead or self._pid != os.getpid():
+            self._batcher.forget()
+            self._breaker.forget()
+            self._background.clear()
+            self._sizes.forget()
+        else:
+            await self._batcher.wait_idle()
+            await self._breaker.stop()
+            for task in list(self._background):
+                task.cancel()
+            if self._background:
+                await asyncio.wait(self._background)
+            await self._sizes.wait_idle()
+        self._report_dropped()  # a short-lived process must not take the rest of the count with it
         self._sender.close()
-        if self._owns_redis and self._redis is not None and self._pid == os.getpid():
+        if self._owns_redis and self._redis is not None and self._pid == os.getpid() and not dead:
             await self._redis.aclose()
         self._redis = None
 
@@ -171,16 +226,21 @@ class AnalyticsClient:
             # The parent's sockets are not ours to touch: drop them and start afresh.
             self._redis, self._pid = None, os.getpid()
             self._batcher.forget()
+            self._breaker.forget()
+            self._sizes.forget()
         self._forks = _forks[0]
         if self._redis is None:
             timeout = self.settings.analytics_redis_timeout
-            self._redis = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.settings.redis_dsn,
+                max_connections=MAX_CONNECTIONS,
+                timeout=self.settings.analytics_publish_timeout,  # waiting for a free connection
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
-                # Our own bounded retry (below) is the only one, so its worst case is known.
+                # Our own bounded retry (_breaker.push_with_retry) is the only one: its worst case is known.
                 retry=Retry(NoBackoff(), 0),
             )
+            self._redis = aioredis.Redis.from_pool(pool)
         return self._redis
 
     async def _enqueue(self, payloads: list[bytes], size: int = -1) -> None:
@@ -190,6 +250,8 @@ class AnalyticsClient:
         # _get_redis(), which checks everything and raises the right error.
         if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
             client = self._get_redis()
+        if self._breaker.is_open:  # Redis is known down: fail now, not after the publish timeout
+            raise self._breaker.error()
         await self._batcher.submit(loop, client, payloads, size)
 
     def _after_push(self, client: aioredis.Redis, result: PushResult) -> None:
@@ -210,6 +272,12 @@ class AnalyticsClient:
         self._dropped_unlogged += count
         now = time.monotonic()
         if now - self._drop_logged_at >= _DROP_LOG_EVERY:
+            self._report_dropped()
+            self._drop_logged_at = now
+
+    def _report_dropped(self) -> None:
+        """Log the drops not reported yet (also at close, so that the warnings add up to the total)."""
+        if self._dropped_unlogged:
             logger.warning(
                 "queue %s is at its cap of %s: dropped the %s oldest event(s) since the last warning",
                 self.keys.queue,
@@ -217,7 +285,6 @@ class AnalyticsClient:
                 self._dropped_unlogged,
             )
             self._dropped_unlogged = 0
-            self._drop_logged_at = now
 
     async def _trigger_flush(self, client: aioredis.Redis) -> None:
         cooldown_ms = int(self.settings.analytics_backlog_trigger_cooldown * 1000)

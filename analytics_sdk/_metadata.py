@@ -4,11 +4,17 @@
 hold is rejected with a :class:`ValidationError` naming the path to the bad value (NUL characters,
 NaN and Infinity, non-string keys, objects that are not JSON-serialisable), as is metadata larger
 than the configured limit. The common flat shape is checked inline first (track()'s hot path).
+
+Integers must fit in 64 bits (what orjson writes, and what most JSON consumers read exactly), and
+one rule holds for both forms: a dict holding 2**64 and a JSON string holding it are both rejected,
+naming the path. (orjson would parse the string's integer to a float, silently rounded.)
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +26,12 @@ __all__ = ["metadata", "metadata_json"]
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _isfinite = math.isfinite
+# Outside [-2**63, 2**64): orjson cannot write it, and parses it to a float. Every such integer has 19
+# digits or more: only a text with such a run of digits is parsed a second time, exactly.
+_INT_MIN, _INT_END = -(2**63), 2**64
+_LONG_DIGITS = re.compile(r"\d{19}")
+_LONG_DIGITS_B = re.compile(rb"\d{19}")
+_OUT_OF_RANGE = "is an integer outside the 64-bit range JSON can carry exactly"
 
 
 def _plain_ok(item: object) -> bool:
@@ -63,6 +75,19 @@ def _check_json(value: object, path: str) -> None:
         raise ValidationError(path, value, f"{type(value).__name__} is not JSON-serialisable")
 
 
+def _check_int_range(value: object, path: str) -> None:
+    """Name the first integer JSON cannot carry exactly (orjson only says that one exists)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not _INT_MIN <= value < _INT_END:
+            raise ValidationError(path, value, _OUT_OF_RANGE)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_int_range(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_int_range(item, f"{path}[{index}]")
+
+
 def _plain_object(obj: dict[Any, Any]) -> bool:
     """True when ``obj`` is flat-ish and clean: str keys without NUL, values plain scalars or lists of
     them. The common shape of metadata, checked inline without recursion or path strings; anything
@@ -91,10 +116,16 @@ def metadata_json(value: object, limit: int) -> tuple[dict[str, Any], bytes]:
     if value is None:
         return {}, b"{}"
     if isinstance(value, str | bytes):
+        text = value
         try:
-            value = orjson.loads(value)
+            value = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise ValidationError("event_metadata", value, f"is not valid JSON ({exc})") from None
+            raise ValidationError("event_metadata", text, f"is not valid JSON ({exc})") from None
+        long_digits = _LONG_DIGITS.search if isinstance(text, str) else _LONG_DIGITS_B.search
+        if long_digits(text):  # type: ignore[arg-type]
+            # orjson read any integer out of range as a float: read the integers exactly (valid JSON
+            # already, so the stdlib parser agrees on everything else), and check them below.
+            value = json.loads(text)
     if type(value) is not dict:
         if not isinstance(value, Mapping):
             raise ValidationError("event_metadata", value, "must be a JSON object (a dict)")
@@ -108,6 +139,7 @@ def metadata_json(value: object, limit: int) -> tuple[dict[str, Any], bytes]:
     try:
         dumped = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
+        _check_int_range(value, "event_metadata")
         raise ValidationError("event_metadata", value, f"is not JSON-serialisable ({exc})") from None
     if len(dumped) > limit:
         reason = f"is {len(dumped)} bytes as JSON, over the limit of {limit}"

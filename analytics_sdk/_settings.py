@@ -95,6 +95,9 @@ class Settings:
     #: Redis socket timeout (seconds) and how often a failed push is retried.
     analytics_redis_timeout: float = 5.0
     analytics_publish_retries: int = 3
+    #: The most one track() (or get_queue_size()) waits, in seconds, across all its retries: then it
+    #: raises PublishError, and while Redis stays down later calls raise at once (the breaker).
+    analytics_publish_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -121,6 +124,7 @@ class Settings:
             "analytics_task_soft_time_limit",
             "analytics_drain_time_budget",
             "analytics_redis_timeout",
+            "analytics_publish_timeout",
         ):
             _positive(name, getattr(self, name))
         _positive("analytics_backlog_trigger_cooldown", self.analytics_backlog_trigger_cooldown)

@@ -88,12 +88,9 @@ class SyncAnalyticsClient:
         self._lock_pid = os.getpid()
         self._closed = False
         # How long a thread waits for Redis's acknowledgment before giving up. A safety net for a
-        # loop thread that died or hangs, never the normal way out, so well above the push loop's
-        # own bound: a batch is tried publish_retries + 1 times, each try at most a connect and a
-        # reply or two under redis_timeout plus a backoff under 1.5 s; and an event may first wait
-        # for the batch already in flight to fail the same way.
-        tries = self.settings.analytics_publish_retries + 1
-        self._wait_limit = 2 * tries * (3 * self.settings.analytics_redis_timeout + 1.5) + 10.0
+        # loop thread that died or hangs, never the normal way out: the loop itself answers every
+        # event within its publish timeout (the deadline each event carries from its hand-over).
+        self._wait_limit = 2 * self.settings.analytics_publish_timeout + 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:

@@ -55,8 +55,12 @@ def client_ip(peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[
 
 
 def create_app(trusted_proxies: Sequence[Network] | None = None) -> FastAPI:
-    default = os.environ.get("TRUSTED_PROXIES", "127.0.0.1/32,::1/128")
-    trusted = list(trusted_proxies or parse_networks(default))
+    """``trusted_proxies``: our proxies' networks; ``[]`` trusts no proxy at all (the peer is the
+    client), ``None`` reads ``TRUSTED_PROXIES`` (default: loopback only)."""
+    if trusted_proxies is None:  # not `or`: an empty list is a choice, not a missing argument
+        trusted = parse_networks(os.environ.get("TRUSTED_PROXIES", "127.0.0.1/32,::1/128"))
+    else:
+        trusted = list(trusted_proxies)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

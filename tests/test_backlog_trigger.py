@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._queue import QueueKeys
 from tests.helpers import wait_for
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 from tests.worker_proc import LOOP_ERRORS, celery_worker, private_broker
 
 
@@ -111,6 +112,33 @@ async def test_trigger_off_sends_nothing(
         await _settled(client)
     assert _messages(broker) == []
     assert not await redis_client.exists(QueueKeys(off.analytics_key_prefix).flush_cooldown)
+
+
+async def test_unreachable_broker_costs_track_nothing_and_warns_once(
+    settings: Settings, caplog: pytest.LogCaptureFixture, redis_client: aioredis.Redis
+) -> None:
+    """The backlog trigger fires but the broker is down: every track() still succeeds (the events are
+    in Redis; beat will drain them), and the failed send is exactly one WARNING, however many pushes
+    cross the threshold within the cooldown."""
+    down = settings.replace(
+        broker_url=f"redis://127.0.0.1:{free_port()}/0",
+        analytics_backlog_trigger=True,
+        analytics_batch_size=5,
+        analytics_backlog_trigger_cooldown=30.0,
+    )
+    caplog.set_level(logging.WARNING)
+    async with AnalyticsClient(down) as client:
+        ids = [await client.track("x", user_id=str(i)) for i in range(20)]
+        await wait_for(lambda: any("backlog flush" in r.getMessage() for r in caplog.records), timeout=30)
+        await _settled(client)
+        ids += [await client.track("after", user_id=str(i)) for i in range(5)]  # within the cooldown
+        await _settled(client)
+    assert len(set(ids)) == 25
+    assert await redis_client.llen(QueueKeys(down.analytics_key_prefix).queue) == 25
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [(r.name, r.getMessage()) for r in warnings]
+    assert warnings[0].name == "analytics_sdk._client"
+    assert "could not send a backlog flush (beat will drain instead)" in warnings[0].getMessage()
 
 
 async def test_trigger_on_by_default() -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
+import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -27,15 +31,16 @@ from analytics_sdk import (
     ClientClosedError,
     PublishError,
     Settings,
+    SyncAnalyticsClient,
     ValidationError,
     decode,
     validate,
 )
 from analytics_sdk._queue import QueueKeys
+from tests.worker_proc import private_broker
 
-#: A Redis DB of its own for broker messages, so this test reads only the flush tasks it sent.
-BROKER_DB = 13
 ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2024, 5, 17, 12, 0, tzinfo=UTC)
 
 
 def queued(sync_redis: redis.Redis, settings: Settings) -> list[bytes]:
@@ -43,10 +48,11 @@ def queued(sync_redis: redis.Redis, settings: Settings) -> list[bytes]:
 
 
 @pytest.fixture
-def broker(redis_available: str) -> Iterator[tuple[str, redis.Redis]]:
-    url = redis_available.rsplit("/", 1)[0] + f"/{BROKER_DB}"
-    with redis.Redis.from_url(url) as client:
-        yield url, client
+def broker(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
+    """A throwaway redis-server as the broker: no worker of another test (test_examples runs one on
+    the shared Redis) can take the flush tasks this test reads back."""
+    with private_broker(tmp_path) as server, server.client() as client:
+        yield server.url, client
 
 
 def flush_messages(broker_redis: redis.Redis) -> list[tuple[bytes, dict[str, Any]]]:
@@ -98,6 +104,47 @@ async def test_track_event_is_the_legacy_name(
     (raw,) = queued(sync_redis, settings)
     assert decode(raw).event_id == event_id
     assert decode(raw).event_metadata == {"plan": "pro"}
+
+
+LEGACY_PARAMETERS = [
+    "event_type",
+    "user_id",
+    "session_id",
+    "entity_type",
+    "entity_id",
+    "event_metadata",
+    "ip_address",
+    "user_agent",
+    "referrer",
+    "created_at",
+]
+
+
+async def test_async_track_event_takes_the_legacy_signature(
+    client: AnalyticsClient, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """The old service's track_event took positional arguments; the async one was keyword-only."""
+    assert list(inspect.signature(client.track_event).parameters) == LEGACY_PARAMETERS
+    assert list(inspect.signature(SyncAnalyticsClient.track_event).parameters)[1:] == LEGACY_PARAMETERS
+    positional = await client.track_event(
+        "purchase", 7, "s", "product", 99, '{"price": 9.5}', "198.51.100.1", "legacy", "https://e.x", NOW
+    )
+    keywords = await client.track_event(event_type="signup", user_id="u1", created_at=NOW)
+    first, second = (decode(raw) for raw in queued(sync_redis, settings))
+    assert first.event_id == positional
+    assert (first.user_id, first.session_id, first.entity_type, first.entity_id) == (
+        "7",
+        "s",
+        "product",
+        "99",
+    )
+    assert (first.event_metadata, first.ip_address, first.user_agent) == (
+        {"price": 9.5},
+        "198.51.100.1",
+        "legacy",
+    )
+    assert (first.referrer, first.created_at) == ("https://e.x", NOW)
+    assert (second.event_id, second.user_id, second.created_at) == (keywords, "u1", NOW)
 
 
 async def test_track_validation_error_pushes_nothing(
@@ -154,6 +201,26 @@ async def test_cap_counts_dropped(settings: Settings, sync_redis: redis.Redis) -
     assert int(sync_redis.get(keys.dropped)) == 20
     survivors = [decode(raw).event_id for raw in queued(sync_redis, settings)]
     assert survivors[:5] == ids[-5:], "the newest survive"
+
+
+async def test_every_drop_is_reported_by_close(
+    settings: Settings, sync_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The drop warning is rate-limited (one per 10 s); a short-lived process used to report only the
+    first push's drops ("1" where 15 were dropped): the rest is reported when the client closes."""
+    caplog.set_level(logging.WARNING, "analytics_sdk._client")
+    async with AnalyticsClient(settings.replace(analytics_max_queue_size=5)) as client:
+        for i in range(20):
+            await client.track("over-cap", entity_id=i)  # 20 pushes, one at a time: 15 drops
+    dropped = int(sync_redis.get(QueueKeys(settings.analytics_key_prefix).dropped))
+    assert dropped == 15
+    counts = [
+        int(re.search(r"dropped the (\d+) oldest", r.getMessage()).group(1))  # type: ignore[union-attr]
+        for r in caplog.records
+        if "at its cap" in r.getMessage()
+    ]
+    assert sum(counts) == 15, counts
+    assert counts == [1, 14], "one warning at the first drop, the rest at close"
 
 
 # -- lifecycle -------------------------------------------------------------------------------------------
@@ -214,6 +281,50 @@ def test_client_belongs_to_one_event_loop(settings: Settings) -> None:
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_aclose_after_use_from_a_second_loop_is_clean(settings: Settings, sync_redis: redis.Redis) -> None:
+    """Used under one asyncio.run, touched and closed under another: aclose() used to await the dead
+    loop's connections and raise a bare "RuntimeError: Event loop is closed"."""
+    client = AnalyticsClient(settings)
+
+    async def first() -> str:
+        event_id = await client.track("loop-1")
+        await client.get_queue_size()
+        return event_id
+
+    async def second() -> None:
+        with pytest.raises(AnalyticsError, match="another event loop"):
+            await client.track("loop-2")
+        await client.aclose()  # the first loop is closed: nothing of it is awaited
+        assert client.closed
+        with pytest.raises(ClientClosedError):
+            await client.track("after-close")
+        await client.aclose()  # idempotent
+
+    event_id = asyncio.run(first())
+    asyncio.run(second())
+    assert [decode(raw).event_id for raw in queued(sync_redis, settings)] == [event_id]
+
+
+async def test_aclose_from_another_live_loop_says_where_to_close(settings: Settings) -> None:
+    """The client's own loop is still alive (in another thread): closing from here is refused clearly,
+    and the client stays usable where it belongs."""
+    client = AnalyticsClient(settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(client.track("home"), loop).result(10)
+        with pytest.raises(AnalyticsError, match="close it there"):
+            await client.aclose()
+        assert not client.closed
+        asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(10)
+        assert client.closed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def test_from_env(settings: Settings) -> None:

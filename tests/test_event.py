@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import ipaddress
 import math
+import os
 import pickle
 import uuid
 from collections import OrderedDict
@@ -141,6 +143,53 @@ def test_new_event_id_is_uuid7_and_time_ordered() -> None:
     millis = [int(text.replace("-", "")[:12], 16) for text in ids]
     assert millis == sorted(millis)
     assert abs(millis[0] - datetime.now(UTC).timestamp() * 1000) < 60_000
+    variants = {text[19] for text in [new_event_id() for _ in range(2000)]}
+    assert variants == set("89ab"), "the two variant bits fixed, the two after them random"
+
+
+_CHILD_IDS = 20
+
+
+def _ids_in_child(fork: Any) -> list[str]:
+    """``fork()``, make ids in the child, send them back through a pipe; the child never returns."""
+    read, write = os.pipe()
+    pid = fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, orjson.dumps([new_event_id() for _ in range(_CHILD_IDS)]))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return list(orjson.loads(data))
+
+
+def _random_part(event_id: str) -> str:
+    return event_id.replace("-", "")[13:]  # after 48 bits of ms and the version digit
+
+
+def test_parent_and_child_after_fork_make_different_ids() -> None:
+    new_event_id()  # any state (a buffer, a generator) exists in the parent before the fork
+    child = _ids_in_child(os.fork)
+    parent = [new_event_id() for _ in range(_CHILD_IDS)]
+    assert not {_random_part(i) for i in child} & {_random_part(i) for i in parent}
+
+
+def test_a_process_cloned_twice_without_notice_makes_different_ids() -> None:
+    """A VM or container snapshot restored twice: two copies of the same memory, and no fork hook runs
+    in either. libc's fork() called directly (not os.fork) clones the process exactly so: Python's
+    at-fork handlers do not run. Any state the ids draw from (a seeded generator, a buffer of
+    random bytes) would be copied and replayed; os.urandom per id is not memory, so it is not."""
+    libc_fork = ctypes.PyDLL(None).fork  # PyDLL: the GIL stays held across the call, as os.fork does
+    libc_fork.restype = ctypes.c_int
+    new_event_id()
+    first = _ids_in_child(libc_fork)
+    second = _ids_in_child(libc_fork)
+    assert len(first) == len(second) == _CHILD_IDS
+    assert not {_random_part(i) for i in first} & {_random_part(i) for i in second}
 
 
 # -- ip_address --------------------------------------------------------------------------------------
@@ -289,7 +338,42 @@ def test_metadata_lone_surrogate() -> None:
 
 
 def test_metadata_integer_beyond_64_bits() -> None:
-    check(event(event_metadata={"a": 2**64}), "event_metadata")
+    assert check(event(event_metadata={"a": 2**64}), "event_metadata").field == "event_metadata.a"
+
+
+BIG = [
+    ("a", 2**64, '{"a": 18446744073709551616}'),
+    ("a.b[1]", 123456789012345678901234, '{"a": {"b": [1, 123456789012345678901234]}}'),
+    ("x", -(2**63) - 1, '{"x": -9223372036854775809}'),
+]
+
+
+@pytest.mark.parametrize(("path", "number", "text"), BIG)
+def test_metadata_big_integer_one_rule_for_dict_and_json_string(path: str, number: int, text: str) -> None:
+    """orjson parsed the string's integer to a float (silently rounded) while the dict was rejected:
+    now both are rejected, naming the same path and showing the exact integer."""
+    as_dict = orjson.loads(text.replace(str(number), "0"))
+    node: Any = as_dict
+    keys = path.replace("[1]", ".1").split(".")
+    for key in keys[:-1]:
+        node = node[key] if isinstance(node, dict) else node[int(key)]
+    node[keys[-1] if isinstance(node, dict) else int(keys[-1])] = number
+    for metadata in (as_dict, text, text.encode()):
+        exc = check(event(event_metadata=metadata), "event_metadata")
+        assert exc.field == f"event_metadata.{path}"
+        assert exc.value == number and type(exc.value) is int, exc.value
+
+
+@pytest.mark.parametrize(
+    "text", ['{"x": 18446744073709551615}', '{"x": -9223372036854775808}', '{"x": 0.1234567890123456789012}']
+)
+def test_metadata_long_numbers_within_range_kept_exactly(text: str) -> None:
+    expected = orjson.loads(text)
+    assert validate(event(event_metadata=text)).event_metadata == expected
+    assert validate(event(event_metadata=expected)).event_metadata == expected
+    assert validate(event(event_metadata='{"s": "123456789012345678901234"}')).event_metadata == {
+        "s": "123456789012345678901234"
+    }
 
 
 def test_metadata_self_containing_or_too_deep() -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +23,7 @@ import redis.asyncio as aioredis
 from analytics_sdk import Settings, decode, validate
 from analytics_sdk._queue import QueueKeys
 from bridge._demo_worker import Worker
+from tests.servers import start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -161,6 +164,62 @@ async def test_fastapi_app_tracks_page_views(
     assert (article["entity_type"], article["entity_id"]) == ("article", "7")
     assert article["event_metadata"] == {"path": "/articles/7", "method": "GET", "status": 200}
     assert events[1]["entity_type"] is None and events[1]["referrer"] is None
+
+
+async def _get_article(app: object, peer: str, forwarded_for: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(peer, 4242))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as http:
+        return await http.get("/articles/7", headers={"X-Forwarded-For": forwarded_for})
+
+
+async def test_fastapi_empty_trusted_list_trusts_no_proxy(
+    settings: Settings, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create_app([]) is "trust no proxy": the peer is the client, even on loopback, and a forged
+    X-Forwarded-For is ignored. (It used to fall back to the loopback default.)"""
+    for key, value in _env(settings).items():
+        if key.startswith("ANALYTICS_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TRUSTED_PROXIES", raising=False)
+    module = _fastapi_module()
+    trust_none, default = module.create_app([]), module.create_app()
+    for app in (trust_none, default):
+        async with app.router.lifespan_context(app):
+            assert (await _get_article(app, "127.0.0.1", "6.6.6.6")).status_code == 200
+    forged, proxied = (e["ip_address"] for e in _queued(sync_redis, settings))
+    assert forged == "127.0.0.1", "[] trusts nobody: the loopback peer is the client"
+    assert proxied == "6.6.6.6", "the default trusts a loopback proxy"
+
+
+async def test_fastapi_page_is_served_when_redis_is_down(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stopped under a running app: every page still answers 200, each with one WARNING from the
+    example; the first request waits at most the publish timeout, the next ones not at all (breaker)."""
+    server = start_redis(tmp_path)
+    try:
+        for key, value in _env(settings.replace(redis_url=server.url)).items():
+            if key.startswith("ANALYTICS_"):
+                monkeypatch.setenv(key, value)
+        module = _fastapi_module()
+        app = module.create_app(NETS)
+        caplog.set_level(logging.WARNING)
+        async with app.router.lifespan_context(app):
+            assert (await _get_article(app, "10.0.0.5", "203.0.113.9")).status_code == 200
+            server.stop()
+            for attempt in range(3):
+                caplog.clear()
+                started = time.monotonic()
+                response = await _get_article(app, "10.0.0.5", "203.0.113.9")
+                elapsed = time.monotonic() - started
+                assert response.status_code == 200 and response.json() == {"article": 7}
+                limit = settings.analytics_publish_timeout + 0.75 if attempt == 0 else 0.25
+                assert elapsed < limit, (attempt, elapsed)
+                ours = [r for r in caplog.records if r.name == module.logger.name]
+                assert len(ours) == 1 and ours[0].levelno == logging.WARNING, caplog.records
+                assert ours[0].getMessage() == "page_view for /articles/7 not tracked"
+    finally:
+        server.stop()
 
 
 # -- verify_setup: the end-to-end check a user runs, against a real worker -------------------------

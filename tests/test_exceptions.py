@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import pickle
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from servers import free_port
 
 from analytics_sdk import (
+    AnalyticsClient,
     AnalyticsError,
     ClientClosedError,
     ConfigurationError,
     PublishError,
+    Settings,
     ValidationError,
 )
 from analytics_sdk._exceptions import shorten
@@ -102,12 +107,28 @@ def test_shorten_survives_broken_or_recursive_reprs() -> None:
     assert "contains itself" in str(exc)
 
 
-def test_publish_error_is_chained() -> None:
-    cause = ConnectionError("refused")
-    try:
-        try:
-            raise cause
-        except ConnectionError as exc:
-            raise PublishError("not acknowledged") from exc
-    except PublishError as exc:
-        assert exc.__cause__ is cause
+async def test_the_clients_publish_errors_are_chained_to_the_redis_error() -> None:
+    """Ours, not Python's ``raise from``: a track() that Redis refused raises a PublishError whose
+    ``__cause__`` is redis-py's error; every caller of a failed MULTI gets an instance of its own
+    (a shared one would collect every caller's traceback), chained to that same error; and the
+    breaker's fast failures afterwards are chained to it too."""
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        analytics_publish_retries=0,
+        analytics_backlog_trigger=False,
+    )
+    async with AnalyticsClient(settings) as client:
+        results = await asyncio.gather(*(client.track("nowhere") for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, PublishError) for r in results), results
+        assert len({id(r) for r in results}) == 3, "one exception object per caller"
+        causes = {id(r.__cause__) for r in results}  # type: ignore[union-attr]
+        assert len(causes) == 1
+        cause = results[0].__cause__  # type: ignore[union-attr]
+        assert isinstance(cause, RedisConnectionError)
+        assert "Redis did not acknowledge" in str(results[0])
+        with pytest.raises(PublishError) as info:
+            await client.track("still-nowhere")  # the breaker is open now
+        assert info.value.__cause__ is cause
+        with pytest.raises(PublishError) as size_info:
+            await client.get_queue_size()
+        assert size_info.value.__cause__ is cause

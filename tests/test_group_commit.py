@@ -22,10 +22,11 @@ from servers import RedisServer, start_redis
 
 from analytics_sdk import AnalyticsClient, PublishError, Settings, decode
 from analytics_sdk._batcher import MAX_BATCH_BYTES, MAX_BATCH_EVENTS
+from analytics_sdk._breaker import PROBE_INTERVAL
 from analytics_sdk._queue import QueueKeys
 
 KEYS = QueueKeys("gc")
-CLIENT_LOG = "analytics_sdk._batcher"  # the push loop logs its retries there
+CLIENT_LOG = "analytics_sdk._breaker"  # push_with_retry logs its retries there
 
 
 @pytest.fixture
@@ -193,8 +194,16 @@ async def test_stopped_server_raises_after_bounded_retries(
     batches = len(retried) // retries
     assert len(retried) == batches * retries and batches >= 1, "each batch tried exactly retries + 1 times"
     assert elapsed < 10, f"gave up after {elapsed:.1f}s"
-    # The same client works again once Redis is back.
+    # Redis is known down now: the next call fails at once, without a single retry.
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="not answering") as info:
+        await client.track("while-down")
+    assert time.monotonic() - started < 0.2  # at once, not after retries
+    assert isinstance(info.value.__cause__, RedisConnectionError | OSError)
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == len(retried)
+    # The same client works again once Redis is back: its probe sees it within about one interval.
     server.start()
+    await wait_for(lambda: not client._breaker.is_open, timeout=PROBE_INTERVAL + 5, message="probe")
     event_id = await client.track("back")
     with server.client() as check:
         assert [decode(r).event_id for r in check.lrange(KEYS.queue, 0, -1)] == [event_id]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from analytics_sdk import AnalyticsClient, ConfigurationError, Settings, SyncAnalyticsClient
+from analytics_sdk._exceptions import shorten
 from analytics_sdk._settings import env_name, redact_url
 
 SECRET = "s3cr3t-Pa55"
@@ -36,6 +38,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "analytics_backlog_trigger_cooldown": ("0.5", 0.5),
     "analytics_redis_timeout": ("1.5", 1.5),
     "analytics_publish_retries": ("0", 0),
+    "analytics_publish_timeout": ("0.75", 0.75),
 }
 
 
@@ -67,6 +70,7 @@ def test_variable_names() -> None:
         "analytics_backlog_trigger_cooldown": "ANALYTICS_BACKLOG_TRIGGER_COOLDOWN",
         "analytics_redis_timeout": "ANALYTICS_REDIS_TIMEOUT",
         "analytics_publish_retries": "ANALYTICS_PUBLISH_RETRIES",
+        "analytics_publish_timeout": "ANALYTICS_PUBLISH_TIMEOUT",
     }
 
 
@@ -173,6 +177,9 @@ def test_boolean_spellings(bool_text: str, expected: bool) -> None:
         ("ANALYTICS_PUBLISH_RETRIES", "-1"),
         ("ANALYTICS_PUBLISH_RETRIES", "2.5"),
         ("ANALYTICS_REDIS_TIMEOUT", "0"),
+        ("ANALYTICS_PUBLISH_TIMEOUT", "0"),
+        ("ANALYTICS_PUBLISH_TIMEOUT", "inf"),
+        ("ANALYTICS_PUBLISH_TIMEOUT", "soon"),
         ("ANALYTICS_INSERT_BATCH_SIZE", "0"),
         ("ANALYTICS_TASK_TIME_LIMIT", "x"),
         ("ANALYTICS_DRAIN_TIME_BUDGET", "0"),
@@ -188,8 +195,14 @@ def test_bad_value_names_variable_and_value(variable: str, value: str) -> None:
     exc = info.value
     assert isinstance(exc, ValueError)
     assert exc.variable == variable
-    assert str(exc).startswith(f"{variable}=")
-    assert repr(value.strip()) in str(exc) or value.strip() in str(exc), str(exc)
+    # The value shown is the one given: as written, or as parsed when parsing succeeded and the
+    # check after it failed ("0" -> 0). Compared whole, so " " must show as ' ', not as nothing.
+    given = {repr(value)}
+    for parse in (int, float):
+        with contextlib.suppress(ValueError):
+            given.add(repr(parse(value)))
+    assert repr(exc.value) in given, (exc.value, value)
+    assert str(exc) == f"{variable}={shorten(exc.value)}: {exc.reason}"
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+from helpers import wait_for_sync
 from redis.exceptions import ConnectionError as RedisConnectionError
 from servers import free_port, start_redis
 
@@ -26,10 +27,11 @@ from analytics_sdk import (
     ValidationError,
     decode,
 )
+from analytics_sdk._breaker import PROBE_INTERVAL
 from analytics_sdk._queue import QueueKeys
+from tests.worker_proc import private_broker
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKER_DB = 13
 
 
 @pytest.fixture
@@ -135,8 +137,16 @@ def test_publish_error_reaches_every_waiting_thread(tmp_path: Path) -> None:
             for outcome in outcomes.values():
                 assert isinstance(outcome, PublishError), outcome
                 assert isinstance(outcome.__cause__, RedisConnectionError | OSError), repr(outcome.__cause__)
+            started = time.monotonic()
+            with pytest.raises(PublishError, match="not answering"):  # known down: at once
+                client.track("while-down")
+            assert time.monotonic() - started < 0.2  # at once, not after retries
             server.start()
-            assert client.track("back")  # the same client works again once Redis is back
+            runtime = client._runtime
+            assert runtime is not None
+            # The same client works again once Redis is back: its probe sees it within about one interval.
+            wait_for_sync(lambda: not runtime.client._breaker.is_open, timeout=PROBE_INTERVAL + 5)
+            assert client.track("back")
 
 
 def test_events_handed_over_after_the_loop_ended_fail_at_once(settings: Settings) -> None:
@@ -290,32 +300,36 @@ def test_use_after_close(settings: Settings) -> None:
 
 
 def test_close_while_other_threads_track(settings: Settings) -> None:
+    """Each thread tracks until it is told the client is closed: every one of them must end with
+    ClientClosedError (not a PublishError, a hang or silence), after tracking successfully before."""
     client = SyncAnalyticsClient(settings)
     client.track("start")
-    outcomes: list[str] = []
-    stop = threading.Event()
+    outcomes: dict[int, str] = {}
+    tracked = [0] * 4
+    give_up = time.monotonic() + 30
 
-    def worker() -> None:
-        while not stop.is_set():
+    def worker(index: int) -> None:
+        while time.monotonic() < give_up:
             try:
                 client.track("busy")
             except ClientClosedError:
-                outcomes.append("closed")
+                outcomes[index] = "closed"
                 return
             except BaseException as exc:
-                outcomes.append(repr(exc))
+                outcomes[index] = repr(exc)
                 return
+            tracked[index] += 1
+        outcomes[index] = "never told the client was closed"
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    wait_for_sync(lambda: all(tracked), timeout=10, message="every thread tracking")
     client.close()
-    stop.set()
     for thread in threads:
-        thread.join(30)
+        thread.join(35)
     assert all(not thread.is_alive() for thread in threads)
-    assert set(outcomes) <= {"closed"}, outcomes
+    assert outcomes == {i: "closed" for i in range(4)}, outcomes
 
 
 def test_publish_error_reaches_the_thread(settings: Settings) -> None:
@@ -326,19 +340,15 @@ def test_publish_error_reaches_the_thread(settings: Settings) -> None:
         client.track("nowhere")
 
 
-def test_flush_events_now(settings: Settings, redis_available: str) -> None:
-    url = redis_available.rsplit("/", 1)[0] + f"/{BROKER_DB}"
-    with SyncAnalyticsClient(settings.replace(broker_url=url)) as client:
-        task_id = client.flush_events_now()
-    with redis.Redis.from_url(url) as broker:
-        for raw in broker.lrange("analytics", 0, -1):
-            message = orjson.loads(raw)
-            if message["headers"]["id"] == task_id:
-                assert message["headers"]["task"] == "flush_analytics_events"
-                broker.lrem("analytics", 1, raw)
-                break
-        else:
-            pytest.fail("flush task not on the broker")
+def test_flush_events_now(settings: Settings, tmp_path: Path) -> None:
+    # A throwaway broker: no worker of another test can take the task before it is read back.
+    with private_broker(tmp_path) as server:
+        with SyncAnalyticsClient(settings.replace(broker_url=server.url)) as client:
+            task_id = client.flush_events_now()
+        with server.client() as broker:
+            messages = [orjson.loads(raw) for raw in broker.lrange("analytics", 0, -1)]
+    assert [m["headers"]["id"] for m in messages] == [task_id]
+    assert messages[0]["headers"]["task"] == "flush_analytics_events"
 
 
 def test_unclosed_client_does_not_hang_interpreter_exit(settings: Settings) -> None:

@@ -132,15 +132,17 @@ def test_15_ten_processes_of_200_coroutines(fault_settings: Settings, tmp_path: 
     expected = processes * coroutines * per_coroutine
     assert len(ledger.accepted) == expected and not ledger.refused
 
-    # accepted == queued, exactly (no event lost, none doubled by the group commit)
+    # accepted == queued as a set: no event lost. A push retried after a timeout (its reply lost on
+    # a loaded machine) may have queued an event twice, as the README says; the invariant is one
+    # row per event, so copies are allowed here and must all be copies of accepted events.
     queued_ids = [event_id_of(orjson.dumps(e)) for e in _queued(settings)]
-    assert len(queued_ids) == expected
-    assert set(queued_ids) == ledger.accepted
+    copies = len(queued_ids) - expected
+    assert copies >= 0 and set(queued_ids) == ledger.accepted
     assert _dropped(settings) == 0
 
-    # ... and == stored, once drained
+    # ... and == stored, once drained: one row per event, each extra copy counted as a duplicate
     totals = asyncio.run(quiesce(settings, timeout=120))
     outcome = asyncio.run(collect(settings))
     outcome.check(ledger)
-    assert outcome.row_ids == ledger.accepted
-    assert totals.get("duplicates", 0) == 0
+    assert outcome.row_ids == ledger.accepted and outcome.row_count == expected
+    assert totals.get("duplicates", 0) == copies

@@ -1,0 +1,156 @@
+"""What a push does when Redis fails: bounded retries within a deadline, then the circuit breaker.
+
+:func:`push_with_retry` retries a MULTI that failed on a connection error or a timeout, with
+exponential backoff and jitter, at most ``ANALYTICS_PUBLISH_RETRIES`` times and never past its
+deadline (``ANALYTICS_PUBLISH_TIMEOUT`` after its earliest event was handed over): redis-py's own
+retries are off, so that bound is the whole story. Errors that are answers (OOM, WRONGTYPE, ACL,
+a wrong password) are not retried.
+
+The circuit breaker of one client: once Redis is known down, fail at once instead of waiting.
+
+Without it every ``track()`` against a Redis that accepts connections and never answers waits out its
+whole ``ANALYTICS_PUBLISH_TIMEOUT``, request after request. The breaker opens when a push (or a queue
+length read) gave up on a connection error or a timeout, never on an answer (OOM, a wrong password,
+WRONGTYPE: Redis is up, retrying cannot help, and failing fast would hide nothing). While it is open,
+calls raise :class:`PublishError` at once, chained to the error that opened it. A probe on the
+client's loop sends PING every ``PROBE_INTERVAL`` seconds (each bounded by the publish timeout) and
+closes the breaker at the first answer, so no caller ever pays for finding out that Redis is back.
+
+Only the loop writes the state; other threads (SyncAnalyticsClient) only read ``is_open``, a plain
+attribute, which is all they need to fail fast before handing an event over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._exceptions import PublishError
+from ._keys import QueueKeys
+from ._queue import PushResult, push
+from ._settings import Settings
+
+__all__ = ["PROBE_INTERVAL", "Breaker", "push_with_retry"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two PINGs while the breaker is open: how late a client notices Redis is back.
+PROBE_INTERVAL = 0.5
+
+
+class Breaker:
+    """Open/closed state, the error callers get while open, and the probe that closes it."""
+
+    def __init__(self, where: str, probe_timeout: float) -> None:
+        self._where = where  # the redacted Redis URL, for messages
+        self._probe_timeout = probe_timeout
+        self.is_open = False
+        self._cause: BaseException | None = None
+        self._opened_at = 0.0
+        self._probe: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def describe(exc: BaseException | None) -> str:
+        """``Type: message`` (redis-py 8's repr of its errors says little; a bare TimeoutError is empty)."""
+        text = str(exc)
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    def error(self) -> PublishError:
+        """A new PublishError for one caller while the breaker is open (each caller its own)."""
+        down_for = time.monotonic() - self._opened_at
+        error = PublishError(
+            f"Redis at {self._where} is not answering (for {down_for:.1f}s: {self.describe(self._cause)}); "
+            f"failing at once until a probe (every {PROBE_INTERVAL}s) sees it back"
+        )
+        error.__cause__ = self._cause
+        return error
+
+    def trip(self, client: aioredis.Redis, cause: BaseException | None) -> None:
+        """On the loop, after a push or read gave up because Redis did not answer: open, start probing."""
+        if self.is_open:
+            return
+        self.is_open, self._cause, self._opened_at = True, cause, time.monotonic()
+        logger.warning(
+            "Redis at %s is not answering (%s): track() and get_queue_size() now fail at once with "
+            "PublishError until it answers a PING again (probed every %ss)",
+            self._where,
+            self.describe(cause),
+            PROBE_INTERVAL,
+        )
+        self._probe = asyncio.get_running_loop().create_task(self._run_probe(client))
+
+    async def _run_probe(self, client: aioredis.Redis) -> None:
+        try:
+            while True:
+                await asyncio.sleep(PROBE_INTERVAL)
+                try:
+                    async with asyncio.timeout(self._probe_timeout):
+                        await client.ping()
+                except (RedisError, OSError):  # TimeoutError is an OSError: the deadline above
+                    continue
+                down_for = time.monotonic() - self._opened_at
+                self.is_open, self._cause = False, None
+                logger.warning(
+                    "Redis at %s answers again after %.1fs; publishing resumes", self._where, down_for
+                )
+                return
+        finally:
+            self._probe = None
+
+    async def stop(self) -> None:
+        """Cancel the probe (the client is closing); the state stays as it is."""
+        probe = self._probe
+        if probe is not None:
+            probe.cancel()
+            await asyncio.wait({probe})  # not `await probe`: that would swallow our own cancellation
+
+    def forget(self) -> None:
+        """After a fork or once the probe's loop is gone: its task is not ours to finish; start closed."""
+        self.is_open, self._cause, self._probe = False, None, None
+
+
+async def push_with_retry(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    batch: list[bytes],
+    settings: Settings,
+    breaker: Breaker,
+    deadline: float,
+) -> PushResult:
+    """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed."""
+    retries = settings.analytics_publish_retries
+    for attempt in range(retries + 1):
+        bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+        try:
+            async with bound:
+                return await push(client, keys, batch, settings.analytics_max_queue_size)
+        except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
+            raise PublishError(f"Redis refused the credentials: {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            # A MULTI that timed out may have run: re-sending can queue an event twice, which
+            # the sink's ON CONFLICT (event_id) turns back into one row.
+            delay = min(1.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            if bound.expired() or attempt == retries or time.monotonic() + delay >= deadline:
+                breaker.trip(client, exc)
+                limit = settings.analytics_publish_timeout
+                if bound.expired():
+                    message = f"no acknowledgment within ANALYTICS_PUBLISH_TIMEOUT={limit}s"
+                else:
+                    message = f"not acknowledged after {attempt + 1} attempt(s) within {limit}s"
+                raise PublishError(
+                    f"Redis did not acknowledge {len(batch)} event(s): {message} (they may or may not "
+                    f"have been queued): {Breaker.describe(exc)}"
+                ) from exc
+            logger.warning("push of %s event(s) failed (%s); retrying in %.2fs", len(batch), exc, delay)
+            await asyncio.sleep(delay)
+        except RedisError as exc:
+            # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
+            raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
+    raise AssertionError("unreachable")
