@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._exceptions import PublishError
 from ._keys import QueueKeys
-from ._queue import PushResult, push
+from ._queue import PushResult, new_token, push
 from ._settings import Settings
 
 __all__ = ["PROBE_INTERVAL", "Breaker", "push_with_retry"]
@@ -126,16 +126,18 @@ async def push_with_retry(
 ) -> PushResult:
     """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed."""
     retries = settings.analytics_publish_retries
+    token = new_token()  # one per batch, kept across its retries: a retry of a push that ran is a no-op
     for attempt in range(retries + 1):
         bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
         try:
             async with bound:
-                return await push(client, keys, batch, settings.analytics_max_queue_size)
+                return await push(client, keys, batch, settings.analytics_max_queue_size, token=token)
         except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
             raise PublishError(f"Redis refused the credentials: {exc}") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            # A MULTI that timed out may have run: re-sending can queue an event twice, which
-            # the sink's ON CONFLICT (event_id) turns back into one row.
+            # A push that timed out may have run: re-sent with the same token, it queues nothing twice
+            # if Redis ran the first within the guard's lifetime; a copy queued anyway (a retry by
+            # another route) becomes one row through the sink's ON CONFLICT (event_id).
             delay = min(1.0, 0.05 * 2**attempt) * (0.5 + random.random())
             if bound.expired() or attempt == retries or time.monotonic() + delay >= deadline:
                 breaker.trip(client, exc)

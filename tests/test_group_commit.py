@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from helpers import wait_for
+from lossy_proxy import LossyProxy
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -62,6 +63,11 @@ def counts(admin: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
 
 
+def pushes(admin: redis.Redis) -> int:
+    """Push scripts run: one EVALSHA each (the client's warm-up call loaded the script)."""
+    return counts(admin).get("evalsha", 0)
+
+
 def queued_ids(admin: redis.Redis) -> list[str]:
     return [decode(raw).event_id for raw in admin.lrange(KEYS.queue, 0, -1)]
 
@@ -86,8 +92,10 @@ async def test_500_concurrent_tracks_share_a_few_execs(client: AnalyticsClient, 
     stats = counts(admin)
     assert len(set(ids)) == 500
     assert set(ids) <= set(queued_ids(admin))
-    assert stats["exec"] <= 5, f"{stats['exec']} EXECs for 500 calls: not coalesced"
-    assert stats["multi"] == stats["exec"] == stats["rpush"] == stats["ltrim"]
+    assert stats["evalsha"] <= 5, f"{stats['evalsha']} pushes for 500 calls: not coalesced"
+    # the commands inside the script are counted too: one RPUSH and one LTRIM per push, nothing else
+    assert stats["evalsha"] == stats["rpush"] == stats["ltrim"]
+    assert "multi" not in stats and "eval" not in stats
 
 
 async def test_lone_caller_pays_one_round_trip(client: AnalyticsClient, admin: redis.Redis) -> None:
@@ -96,32 +104,33 @@ async def test_lone_caller_pays_one_round_trip(client: AnalyticsClient, admin: r
     stats = counts(admin)
     stats.pop("config|resetstat", None)
     stats.pop("info", None)
-    assert stats == {"multi": 1, "rpush": 1, "ltrim": 1, "exec": 1}
+    # one EVALSHA; inside it the retry guard's GET and SET, the RPUSH and the LTRIM
+    assert stats == {"evalsha": 1, "get": 1, "rpush": 1, "ltrim": 1, "set": 1}
     assert queued_ids(admin)[-1] == event_id
     # No timer, no batching of sequential calls: each awaited call is its own round trip.
     for _ in range(5):
         await client.track("sequential")
-    assert counts(admin)["exec"] == 6
+    assert pushes(admin) == 6
 
 
 async def test_batches_are_bounded_in_events_and_bytes(client: AnalyticsClient, admin: redis.Redis) -> None:
     admin.config_resetstat()
     n = MAX_BATCH_EVENTS * 2 + 500
     ids = await asyncio.gather(*(client.track("many") for _ in range(n)))
-    assert counts(admin)["exec"] >= 3
+    assert pushes(admin) >= 3
     assert set(ids) <= set(queued_ids(admin))
     # 30 KB of metadata each: 1 MiB holds about 34 of them.
     admin.config_resetstat()
     big = {"blob": "x" * 30_000}
     ids = await asyncio.gather(*(client.track("big", event_metadata=big) for _ in range(100)))
-    assert counts(admin)["exec"] >= 100 * 30_000 // MAX_BATCH_BYTES + 1
+    assert pushes(admin) >= 100 * 30_000 // MAX_BATCH_BYTES + 1
     assert set(ids) <= set(queued_ids(admin))
 
 
 async def test_track_many_is_one_multi(client: AnalyticsClient, admin: redis.Redis) -> None:
     admin.config_resetstat()
     ids = await client.track_many([{"event_type": "bulk", "entity_id": i} for i in range(3000)])
-    assert counts(admin)["exec"] == 1, "one atomic push, even past the group-commit bound"
+    assert pushes(admin) == 1, "one atomic push, even past the group-commit bound"
     assert queued_ids(admin)[-3000:] == ids
 
 
@@ -143,7 +152,7 @@ async def test_callers_return_only_after_redis_acknowledged(
 
 async def test_failed_pipeline_reaches_every_waiter(client: AnalyticsClient, admin: redis.Redis) -> None:
     admin.delete(KEYS.queue)
-    admin.set(KEYS.queue, b"not a list")  # RPUSH fails with WRONGTYPE inside the EXEC
+    admin.set(KEYS.queue, b"not a list")  # RPUSH fails with WRONGTYPE inside the push script
     admin.config_resetstat()
     results = await asyncio.gather(*(client.track("doomed") for _ in range(50)), return_exceptions=True)
     assert len(results) == 50
@@ -151,7 +160,8 @@ async def test_failed_pipeline_reaches_every_waiter(client: AnalyticsClient, adm
         assert isinstance(result, PublishError), result
         assert isinstance(result.__cause__, ResponseError)
         assert "WRONGTYPE" in str(result.__cause__)
-    assert counts(admin)["exec"] <= 5, "a refusal is not retried"
+    assert pushes(admin) <= 5, "a refusal is not retried"
+    assert admin.get(KEYS.queue) == b"not a list", "nothing written: the script stopped at the RPUSH"
     admin.delete(KEYS.queue)
     event_id = await client.track("recovered")
     assert queued_ids(admin) == [event_id]
@@ -226,15 +236,37 @@ async def test_connection_refused_is_retried_until_redis_is_back(
 
 
 async def test_timeout_is_retried(server: RedisServer, admin: redis.Redis) -> None:
-    """A push that times out is sent again; it may then be queued twice (the sink dedupes event_id)."""
+    """A push that times out is sent again under the same token: queued once, however many ran."""
     settings = settings_for(server, analytics_redis_timeout=0.2, analytics_publish_retries=20)
     async with AnalyticsClient(settings) as client:
         await client.track("warm-up")
         admin.execute_command("CLIENT", "PAUSE", 700, "WRITE")
         event_id = await asyncio.wait_for(client.track("slow"), 30)
     ids = queued_ids(admin)
-    assert event_id in ids
-    assert set(ids) == {ids[0], event_id}
+    assert ids.count(event_id) == 1
+    assert len(ids) == 2
+
+
+async def test_a_push_whose_reply_was_lost_is_queued_and_counted_once_at_the_cap(
+    server: RedisServer, admin: redis.Redis
+) -> None:
+    """Redis ran the push but its reply was lost on the way (a proxy drops it): the client times out
+    and retries. The retry must neither queue a second copy nor lose the first run's trim from the
+    dropped counter: accepted = queued + dropped, exactly."""
+    async with LossyProxy(server.port) as proxy:
+        settings = settings_for(server, analytics_redis_timeout=0.3, analytics_max_queue_size=3).replace(
+            redis_url=proxy.url
+        )
+        async with AnalyticsClient(settings) as client:
+            for _ in range(3):
+                await client.track("filler")
+            proxy.lose_replies = 1
+            event_id = await asyncio.wait_for(client.track("lost-reply"), 30)
+        assert proxy.lost == 1
+    ids = queued_ids(admin)
+    assert ids.count(event_id) == 1
+    assert len(ids) == 3
+    assert admin.get(KEYS.dropped) == b"1", "exactly the one filler trimmed off the head"
 
 
 async def test_timeout_gives_up_after_bounded_retries(server: RedisServer, admin: redis.Redis) -> None:

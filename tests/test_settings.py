@@ -89,7 +89,10 @@ def test_defaults() -> None:
     assert settings.analytics_max_queue_size == 1_000_000
     assert settings.analytics_key_prefix == "analytics"
     assert settings.analytics_max_metadata_bytes == 32 * 1024
-    assert settings.analytics_visibility_timeout > settings.analytics_task_time_limit
+    assert settings.analytics_visibility_timeout == 60.0
+    # the worker's start-up check: room for the lease heartbeat, and soft before hard time limit
+    assert settings.analytics_visibility_timeout >= 2 * settings.analytics_redis_timeout
+    assert settings.analytics_task_soft_time_limit < settings.analytics_task_time_limit
     assert settings.redis_dsn == "redis://127.0.0.1:6379/0"
     assert settings.broker_dsn == settings.redis_dsn
 
