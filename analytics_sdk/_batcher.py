@@ -1,19 +1,19 @@
-"""Group commit: the engine that turns many concurrent ``track()`` calls into few Redis MULTIs.
+"""Group commit: the engine that turns many concurrent ``track()`` calls into few Redis pushes.
 
-Calls that arrive while a pipeline is in flight wait together and go in the next single MULTI (at
+Calls that arrive while a pipeline is in flight wait together and go in the next single push (at
 most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``). Each caller's future is resolved only once
-Redis has acknowledged the MULTI that carried its own event. A lone caller pays exactly one round
+Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
 trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
-Redis makes each MULTI atomic.
+Redis makes each push (one script) atomic.
 
-Every event carries a deadline, ``ANALYTICS_PUBLISH_TIMEOUT`` after it was handed over: a MULTI is
+Every event carries a deadline, ``ANALYTICS_PUBLISH_TIMEOUT`` after it was handed over: a push is
 tried (and retried) only until the earliest deadline of the events it carries, and an event whose
 deadline passed while it waited is failed unsent. When a push gives up because Redis did not answer,
 the client's :class:`._breaker.Breaker` opens and every waiting event fails at once.
 
 Other threads hand events over with :meth:`GroupCommit.submit_threadsafe` (SyncAnalyticsClient): an
 append to a deque and, only when none is pending already, one wake-up of the loop; the loop moves
-them onto the same waiting list, so events from many threads share one MULTI too.
+them onto the same waiting list, so events from many threads share one push too.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _pop_all(inbox: collections.deque[_Waiter]) -> list[_Waiter]:
 class GroupCommit:
     """The waiting list and push loop of one :class:`AnalyticsClient` (one event loop).
 
-    ``on_pushed(client, result)`` runs on the loop after every acknowledged MULTI (the client's
+    ``on_pushed(client, result)`` runs on the loop after every acknowledged push (the client's
     backlog trigger); the events dropped by the cap are counted and logged here.
     """
 
@@ -113,7 +113,7 @@ class GroupCommit:
     def submit(
         self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payloads: list[bytes], size: int = -1
     ) -> asyncio.Future[None]:
-        """Queue ``payloads`` for the next MULTI; the future resolves once Redis acknowledged them."""
+        """Queue ``payloads`` for the next push; the future resolves once Redis acknowledged them."""
         future: asyncio.Future[None] = loop.create_future()
         if self.breaker.is_open:
             future.set_exception(self.breaker.error())
@@ -149,7 +149,7 @@ class GroupCommit:
         self._call_soon_threadsafe, self._connect = loop.call_soon_threadsafe, connect
 
     def submit_threadsafe(self, payloads: list[bytes], size: int = -1) -> concurrent.futures.Future[None]:
-        """From any thread: queue ``payloads`` for the next MULTI; resolved once Redis acknowledged.
+        """From any thread: queue ``payloads`` for the next push; resolved once Redis acknowledged.
 
         No lock: ``deque.append`` is atomic, and the loop is woken only when it would not look at the
         inbox otherwise. ``_wake_pending`` True means "the loop side will clear this flag and *then*
@@ -196,7 +196,7 @@ class GroupCommit:
             return
         self._waiting += taken
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(client))
-        # The push loop empties the inbox after every MULTI and clears the flag before it goes idle:
+        # The push loop empties the inbox after every push and clears the flag before it goes idle:
         # until then threads need not wake the loop (a write and a read of its self-pipe saved).
         self._wake_pending = True
 
@@ -223,7 +223,7 @@ class GroupCommit:
     # -- the push loop ------------------------------------------------------------------------------
 
     def _take_batch(self) -> tuple[list[bytes], list[_Future], float]:
-        """The next MULTI's payloads, their callers' futures, and the earliest of their deadlines."""
+        """The next push's payloads, their callers' futures, and the earliest of their deadlines."""
         batch: list[bytes] = []
         futures: list[_Future] = []
         size = taken = 0
@@ -232,8 +232,8 @@ class GroupCommit:
             if future.done():  # its caller was cancelled before the send: never pushed
                 taken += 1
                 continue
-            if due <= now:  # waited out its whole publish timeout behind earlier MULTIs: never sent
-                _settle(future, PublishError(f"not sent: no MULTI could take it within {self._timeout}s"))
+            if due <= now:  # waited out its whole publish timeout behind earlier pushes: never sent
+                _settle(future, PublishError(f"not sent: no push could take it within {self._timeout}s"))
                 taken += 1
                 continue
             if batch and (len(batch) + len(payloads) > MAX_BATCH_EVENTS or size + weight > MAX_BATCH_BYTES):
@@ -250,7 +250,7 @@ class GroupCommit:
         futures: list[_Future] = []
         try:
             while True:
-                if self._inbox:  # handed over by threads while the last MULTI was out
+                if self._inbox:  # handed over by threads while the last push was out
                     self._admit(_pop_all(self._inbox))
                 if self.breaker.is_open:  # Redis is known down: nobody waits for it
                     for _, _, future, _ in self._waiting:

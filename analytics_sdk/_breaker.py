@@ -1,6 +1,6 @@
 """What a push does when Redis fails: bounded retries within a deadline, then the circuit breaker.
 
-:func:`push_with_retry` retries a MULTI that failed on a connection error or a timeout, with
+:func:`push_with_retry` retries a push that failed on a connection error or a timeout, with
 exponential backoff and jitter, at most ``ANALYTICS_PUBLISH_RETRIES`` times and never past its
 deadline (``ANALYTICS_PUBLISH_TIMEOUT`` after its earliest event was handed over): redis-py's own
 retries are off, so that bound is the whole story. Errors that are answers (OOM, WRONGTYPE, ACL,

@@ -1,10 +1,10 @@
 """AnalyticsClient: validate, encode and push events to the Redis queue, with group commit.
 
 Group commit (:class:`._batcher.GroupCommit`, which the client owns): ``track()`` calls that arrive
-while a pipeline is in flight wait together and go in the next single MULTI. Each caller returns only
-once Redis has acknowledged the MULTI that carried its own event. A lone caller pays exactly one round
+while a pipeline is in flight wait together and go in the next single push. Each caller returns only
+once Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
 trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and Redis
-makes each MULTI atomic. The client keeps the public API, its lifecycle and the backlog trigger.
+makes each push (one script) atomic. The client keeps the public API, its lifecycle and the backlog trigger.
 
 Reads coalesce the same way (:mod:`._reads`), so one client needs a handful of connections at most:
 its pool is capped at ``MAX_CONNECTIONS`` and a caller waits for a free one (within its deadline)
@@ -138,7 +138,7 @@ class AnalyticsClient:
         )
 
     async def track_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
-        """Validate every event first (one bad event pushes none), then push all in one MULTI."""
+        """Validate every event first (one bad event pushes none), then push all in one script run."""
         self._check_open()  # also for an empty list: a closed client says so every time
         limit = self._metadata_limit
         encoded = [
@@ -255,7 +255,7 @@ class AnalyticsClient:
         await self._batcher.submit(loop, client, payloads, size)
 
     def _after_push(self, client: aioredis.Redis, result: PushResult) -> None:
-        """After every acknowledged MULTI (called by the group commit): drops, the backlog trigger."""
+        """After every acknowledged push (called by the group commit): drops, the backlog trigger."""
         settings = self.settings
         if result.dropped:
             self._note_dropped(result.dropped)
