@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
-from ._queue import PushResult, push
+from ._queue import PushResult, new_token, push
 from ._settings import Settings
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "GroupCommit"]
@@ -264,14 +264,18 @@ class GroupCommit:
 
     async def _push_with_retry(self, client: aioredis.Redis, batch: list[bytes]) -> PushResult:
         retries = self.settings.analytics_publish_retries
+        # One token for every attempt: a retry of a push that ran with its reply lost returns the
+        # first result, so nothing is queued twice and the dropped count stays exact.
+        token = new_token()
         for attempt in range(retries + 1):
             try:
-                return await push(client, self.keys, batch, self.settings.analytics_max_queue_size)
+                return await push(
+                    client, self.keys, batch, self.settings.analytics_max_queue_size, token=token
+                )
             except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
                 raise PublishError(f"Redis refused the credentials: {exc}") from exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # A MULTI that timed out may have run: re-sending can queue an event twice, which
-                # the sink's ON CONFLICT (event_id) turns back into one row.
+                # A push that timed out may have run: the same token makes the retry a no-op then.
                 if attempt == retries:
                     raise PublishError(
                         f"Redis did not acknowledge {len(batch)} event(s) after {retries + 1} attempts: {exc}"
