@@ -1,10 +1,12 @@
-"""The Redis protocol (analytics_sdk._queue) against the real Redis, and a throwaway one for exact counts."""
+"""The Redis protocol (analytics_sdk._queue) against the real Redis, and a throwaway one for exact counts.
+
+Fencing, idempotence and lease clocks have their own file: test_queue_protocol.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,14 +17,14 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from servers import RedisServer, start_redis
 
 from analytics_sdk._queue import (
-    ACK_STATS,
+    Claim,
     QueueKeys,
     ack,
     claim,
     dead_letter_entry,
     expired_leases,
+    mark_reclaims,
     push,
-    set_reclaims,
     split_lease,
     take_over,
 )
@@ -35,7 +37,7 @@ def keys(key_prefix: str) -> QueueKeys:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of our own: CONFIG RESETSTAT and exact command counts are safe there."""
+    """A redis-server of our own: CONFIG RESETSTAT, MONITOR and exact command counts are safe there."""
     with start_redis(tmp_path) as srv:
         yield srv
 
@@ -52,6 +54,11 @@ async def command_counts(client: aioredis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
 
 
+async def redis_now_ms(client: aioredis.Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def payloads(start: int, stop: int) -> list[bytes]:
     return [f"e{i}".encode() for i in range(start, stop)]
 
@@ -64,6 +71,8 @@ def test_key_names() -> None:
     assert keys.queue == "{app}:events:batch"
     assert keys.inflight("b1") == "{app}:events:inflight:b1"
     assert keys.leases == "{app}:events:inflight"
+    assert keys.owners == "{app}:events:owners"
+    assert keys.push_guard("t1") == "{app}:events:pushed:t1"
     assert keys.reclaims == "{app}:events:reclaims"
     assert keys.dead == "{app}:events:dead"
     assert keys.dropped == "{app}:events:dropped"
@@ -75,19 +84,44 @@ def test_key_names() -> None:
 # -- push --------------------------------------------------------------------------------------------
 
 
-async def test_push_is_one_multi_with_rpush_and_ltrim(own_redis: aioredis.Redis) -> None:
+async def test_push_is_one_script_call(own_redis: aioredis.Redis) -> None:
+    """RPUSH, LTRIM and the guard run inside one EVALSHA: no MULTI/EXEC, nothing else on the wire."""
     keys = QueueKeys("p")
+    await push(own_redis, keys, [b"warm-up"], cap=100)  # loads the script: later pushes are EVALSHA only
+    await own_redis.delete(keys.queue)
     await own_redis.config_resetstat()
     result = await push(own_redis, keys, payloads(0, 5), cap=100)
     counts = await command_counts(own_redis)
-    assert result.length == 5
-    assert result.dropped == 0
-    assert counts.get("multi") == 1
-    assert counts.get("exec") == 1
+    assert result == (5, 0, False)
+    assert counts.get("evalsha") == 1
+    assert "eval" not in counts, "the script was cached: its body does not cross the wire again"
+    assert "multi" not in counts and "exec" not in counts
     assert counts.get("rpush") == 1
     assert counts.get("ltrim") == 1
-    assert "incrby" not in counts, "nothing dropped, nothing counted: one round trip"
+    assert "incrby" not in counts, "nothing dropped, nothing counted"
     assert await own_redis.lrange(keys.queue, 0, -1) == payloads(0, 5)
+
+
+async def test_push_at_the_cap_counts_its_drops_inside_the_script(
+    server: RedisServer, own_redis: aioredis.Redis
+) -> None:
+    """The dropped counter is written by the same script as the trim (never a separate INCRBY that a
+    lost reply or a crash could skip): MONITOR shows the client sending one EVALSHA, and INCRBY run
+    by Lua."""
+    keys = QueueKeys("p")
+    await push(own_redis, keys, payloads(0, 8), cap=100)
+    seen: list[tuple[str, str]] = []  # (who, command) for everything the server ran
+    watcher = aioredis.Redis.from_url(server.url)
+    async with watcher, watcher.monitor() as monitor:
+        result = await push(own_redis, keys, payloads(8, 12), cap=10)
+        while ("lua", "SET") not in seen:  # the guard's SET is the script's last command
+            entry = await asyncio.wait_for(monitor.next_command(), 5)
+            who = "lua" if entry["client_type"] == "lua" else "client"
+            seen.append((who, entry["command"].split()[0].upper()))
+    assert result == (12, 2, False)
+    assert [command for who, command in seen if who == "client"] == ["EVALSHA"]
+    assert [command for who, command in seen if who == "lua"] == ["GET", "RPUSH", "LTRIM", "INCRBY", "SET"]
+    assert await own_redis.get(keys.dropped) == b"2"
 
 
 async def test_cap_drops_exactly_the_oldest_and_counts_them(
@@ -102,6 +136,7 @@ async def test_cap_drops_exactly_the_oldest_and_counts_them(
         result = await push(redis_client, keys, payloads(start, start + size), cap=cap)
         assert result.length == min(start, cap) + size
         assert result.dropped == max(0, result.length - cap)
+        assert not result.repeated
         reported += result.dropped
         start += size
     survivors = await redis_client.lrange(keys.queue, 0, -1)
@@ -116,6 +151,13 @@ async def test_cap_lowered_counts_everything_trimmed(redis_client: aioredis.Redi
     assert result.dropped == 91
     assert await redis_client.lrange(keys.queue, 0, -1) == payloads(91, 101)
     assert int(await redis_client.get(keys.dropped)) == 91
+
+
+async def test_push_beyond_lua_unpack_limit(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    result = await push(redis_client, keys, payloads(0, 10_001), cap=10_000)
+    assert result == (10_001, 1, False)
+    assert await redis_client.lrange(keys.queue, 0, 0) == [b"e1"]
+    assert await redis_client.llen(keys.queue) == 10_000
 
 
 async def test_concurrent_pushes_count_drops_exactly(redis_available: str, keys: QueueKeys) -> None:
@@ -140,12 +182,13 @@ async def test_concurrent_pushes_count_drops_exactly(redis_available: str, keys:
 
 
 async def test_push_is_all_or_nothing(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
-    """A MULTI whose RPUSH fails (WRONGTYPE) leaves no trace: nothing trimmed, nothing counted."""
+    """A push whose RPUSH fails (WRONGTYPE) leaves no trace: nothing trimmed, counted or remembered."""
     await redis_client.set(keys.queue, b"not a list")
     with pytest.raises(ResponseError, match="WRONGTYPE"):
-        await push(redis_client, keys, payloads(0, 3), cap=1)
+        await push(redis_client, keys, payloads(0, 3), cap=1, token="t-wrongtype")
     assert await redis_client.get(keys.queue) == b"not a list"
     assert await redis_client.get(keys.dropped) is None
+    assert not await redis_client.exists(keys.push_guard("t-wrongtype")), "a failed push is not 'done'"
 
 
 # -- claim -------------------------------------------------------------------------------------------
@@ -155,18 +198,19 @@ async def test_claim_moves_items_to_inflight_and_leases(
     redis_client: aioredis.Redis, keys: QueueKeys
 ) -> None:
     await push(redis_client, keys, payloads(0, 10), cap=100)
-    before = time.time_ns() // 1_000_000
-    got = await claim(redis_client, keys, 4, "batch-a")
-    after = time.time_ns() // 1_000_000
-    assert got.batch_id == "batch-a"
-    assert got.items == payloads(0, 4), "the oldest first"
-    assert got.reclaims == 0
+    before = await redis_now_ms(redis_client)
+    got = await claim(redis_client, keys, 4, "batch-a", token="owner-a")
+    after = await redis_now_ms(redis_client)
+    assert got == Claim("batch-a", payloads(0, 4), 0, "owner-a"), "the oldest first"
     assert await redis_client.lrange(keys.inflight("batch-a"), 0, -1) == payloads(0, 4)
     assert await redis_client.lrange(keys.queue, 0, -1) == payloads(4, 10)
     score = await redis_client.zscore(keys.leases, "batch-a")
-    assert before <= score <= after
+    assert before <= score <= after, "the lease is scored by Redis's clock"
+    assert await redis_client.hget(keys.owners, "batch-a") == b"owner-a"
     rest = await claim(redis_client, keys, 100, "batch-b")
     assert rest.items == payloads(4, 10)
+    assert len(rest.token) == 32, "a fresh owner token when none is given"
+    assert await redis_client.hget(keys.owners, "batch-b") == rest.token.encode()
     assert not await redis_client.exists(keys.queue)
 
 
@@ -175,6 +219,7 @@ async def test_claim_of_empty_queue_takes_no_lease(redis_client: aioredis.Redis,
     assert got.items == []
     assert await redis_client.zcard(keys.leases) == 0
     assert not await redis_client.exists(keys.inflight("empty"))
+    assert not await redis_client.exists(keys.owners), "no owner for a lease that was never taken"
 
 
 async def test_claim_beyond_lua_unpack_limit(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
@@ -207,34 +252,44 @@ async def test_concurrent_claims_never_share_an_item(redis_available: str, keys:
             await client.aclose()
 
 
-async def test_claim_runs_under_oom(tmp_path: Path) -> None:
-    """maxmemory + noeviction refuses the push, but the claim (allow-oom) still frees the queue."""
+async def test_push_refused_whole_under_oom_while_claim_and_ack_run(tmp_path: Path) -> None:
+    """maxmemory + noeviction refuses the push (nothing of it written), but the claim and the ack
+    (allow-oom) still run and free the queue."""
     with start_redis(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as srv:
         client = aioredis.Redis.from_url(srv.url)
         try:
             keys = QueueKeys("oom")
             blob = b"x" * 10_000
+            accepted = 0
             with pytest.raises(OutOfMemoryError, match="maxmemory"):
-                for _ in range(2000):
-                    await push(client, keys, [blob] * 10, cap=1_000_000)
+                for n in range(2000):
+                    await push(client, keys, [blob] * 10, cap=1_000_000, token=f"t{n}")
+                    accepted += 1
+            refused = f"t{accepted}"
             queued = await client.llen(keys.queue)
-            assert queued > 0
+            assert queued == accepted * 10, "the refused push wrote none of its events"
+            assert not await client.exists(keys.push_guard(refused)), "nor its guard"
+            assert await client.get(keys.dropped) is None
             got = await claim(client, keys, 100, "under-oom")
             assert len(got.items) == 100
             # The ack must run too, dead letters, counters and summary included: it is what frees
             # memory. (A MULTI with RPUSH/HINCRBY/HSET is refused whole under OOM.)
-            await ack(
+            flags = await ack(
                 client,
                 keys,
-                "under-oom",
-                dead_letters=[dead_letter_entry(got.items[0], "bad")],
-                stats={"claimed": 100, "inserted": 99, "dead": 1},
+                [got],
+                dead_letters={"under-oom": [dead_letter_entry(got.items[0], "bad")]},
+                stats={"inserted": 99},
                 summary=b"{}",
             )
+            assert flags == [True]
             assert not await client.exists(keys.inflight("under-oom"))
             assert await client.zcard(keys.leases) == 0
+            assert not await client.hexists(keys.owners, "under-oom")
             assert await client.llen(keys.dead) == 1
             assert await client.hget(keys.stats, "inserted") == b"99"
+            assert await client.hget(keys.stats, "dead") == b"1"
+            assert await client.hget(keys.stats, "claimed") == b"100"
             assert await client.llen(keys.queue) == queued - 100
         finally:
             await client.aclose()
@@ -253,10 +308,11 @@ async def test_expired_leases(redis_client: aioredis.Redis, keys: QueueKeys) -> 
 
 async def test_take_over_needs_the_score_seen(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
     await push(redis_client, keys, payloads(0, 3), cap=100)
-    await claim(redis_client, keys, 3, "fresh")
+    fresh = await claim(redis_client, keys, 3, "fresh")
     assert await take_over(redis_client, keys, "fresh", "1000") is None, "not the lease's score"
     assert await take_over(redis_client, keys, "missing", "1000") is None
     assert await redis_client.hlen(keys.reclaims) == 0
+    assert await redis_client.hget(keys.owners, "fresh") == fresh.token.encode(), "still the claimer's"
 
 
 async def test_take_over_of_expired_lease_succeeds_once_when_two_race(
@@ -269,7 +325,9 @@ async def test_take_over_of_expired_lease_succeeds_once_when_two_race(
     assert batch_id == "stale"
     racers = [aioredis.Redis.from_url(redis_available) for _ in range(2)]
     try:
-        results = await asyncio.gather(*(take_over(r, keys, batch_id, seen) for r in racers))
+        results = await asyncio.gather(
+            *(take_over(r, keys, batch_id, seen, 1, token=f"racer-{i}") for i, r in enumerate(racers))
+        )
     finally:
         for racer in racers:
             await racer.aclose()
@@ -277,15 +335,16 @@ async def test_take_over_of_expired_lease_succeeds_once_when_two_race(
     assert len(winners) == 1
     assert winners[0].items == payloads(0, 5)
     assert winners[0].reclaims == 1
+    assert await redis_client.hget(keys.owners, "stale") == winners[0].token.encode()
     new_score = await redis_client.zscore(keys.leases, "stale")
     assert new_score > 5_000, "the winner renewed the lease"
     assert await expired_leases(redis_client, keys, visibility_timeout=60) == []
     # A second expiry is taken over again, and counted again.
     await redis_client.zadd(keys.leases, {"stale": 6_000})
-    again = await take_over(redis_client, keys, "stale", "6000")
+    again = await take_over(redis_client, keys, "stale", "6000", 1)
     assert again is not None
     assert again.reclaims == 2
-    assert await take_over(redis_client, keys, "stale", "6000") is None
+    assert await take_over(redis_client, keys, "stale", "6000", 1) is None
 
 
 # -- ack -----------------------------------------------------------------------------------------------
@@ -297,28 +356,33 @@ async def test_ack_releases_and_records_in_one_atomic_call(own_redis: aioredis.R
     await push(own_redis, keys, payloads(0, 6), cap=100)
     await claim(own_redis, keys, 6, "b1")
     await own_redis.zadd(keys.leases, {"b1": 1})
-    assert await take_over(own_redis, keys, "b1", "1") is not None
+    taken = await take_over(own_redis, keys, "b1", "1", 1)
+    assert taken is not None
     dead = [dead_letter_entry(b"e1", "ValidationError: bad", field="event_type")]
     summary = orjson.dumps({"claimed": 6})
+    await ack(own_redis, keys, [], stats={})  # loads the script: the counted ack is EVALSHA only
     await own_redis.config_resetstat()
-    await ack(
+    flags = await ack(
         own_redis,
         keys,
-        "b1",
-        dead_letters=dead,
-        stats={"claimed": 6, "inserted": 4, "duplicates": 1, "dead": 1},
+        [taken],
+        dead_letters={"b1": dead},
+        stats={"inserted": 4, "duplicates": 1},
         summary=summary,
     )
     counts = await command_counts(own_redis)
-    assert counts["eval"] == 1, "one call; the commands inside the script are counted too"
-    assert "multi" not in counts
-    assert counts["del"] == counts["zrem"] == counts["hdel"] == 1
+    assert flags == [True]
+    assert counts["evalsha"] == 1, "one call; the commands inside the script are counted too"
+    assert "eval" not in counts and "multi" not in counts
+    assert counts["del"] == counts["zrem"] == 1
+    assert counts["hdel"] == 2, "the reclaim count and the owner token"
     assert not await own_redis.exists(keys.inflight("b1"))
     assert await own_redis.zscore(keys.leases, "b1") is None
     assert not await own_redis.hexists(keys.reclaims, "b1")
+    assert not await own_redis.hexists(keys.owners, "b1")
     assert await own_redis.lrange(keys.dead, 0, -1) == dead
     stats = await own_redis.hgetall(keys.stats)
-    assert {k: stats[k.encode()] for k in ACK_STATS} == {
+    assert {k: stats[k.encode()] for k in ("claimed", "inserted", "duplicates", "dead")} == {
         "claimed": b"6",
         "inserted": b"4",
         "duplicates": b"1",
@@ -328,44 +392,49 @@ async def test_ack_releases_and_records_in_one_atomic_call(own_redis: aioredis.R
     assert abs(float(stats[b"last_flush_at"]) - time.time()) < 60
     # Counters add up across acks; zero counts are not written.
     await push(own_redis, keys, payloads(6, 8), cap=100)
-    await claim(own_redis, keys, 2, "b2")
-    await ack(own_redis, keys, "b2", stats={"claimed": 2, "inserted": 2, "duplicates": 0, "dead": 0})
+    second = await claim(own_redis, keys, 2, "b2")
+    assert await ack(own_redis, keys, [second], stats={"inserted": 2, "duplicates": 0}) == [True]
     stats = await own_redis.hgetall(keys.stats)
     assert (stats[b"claimed"], stats[b"inserted"], stats[b"dead"]) == (b"8", b"6", b"1")
+    assert stats[b"duplicates"] == b"1"
     assert await own_redis.zcard(keys.leases) == 0
 
 
 async def test_ack_of_several_batches(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
     await push(redis_client, keys, payloads(0, 2000), cap=10_000)
-    ids = [f"b{i}" for i in range(600)]  # more than one Lua unpack() chunk
-    for batch_id in ids:
-        await claim(redis_client, keys, 3, batch_id)
-    for batch_id in ids[:5]:
-        await redis_client.hset(keys.reclaims, batch_id, 1)
-    dead = [dead_letter_entry(f"p{i}".encode(), "bad") for i in range(1200)]
-    await ack(redis_client, keys, ids, dead_letters=dead, stats={"claimed": 1800, "dead": 1200})
+    claims = [await claim(redis_client, keys, 3, f"b{i}") for i in range(600)]  # > one unpack() chunk
+    for c in claims[:5]:
+        await redis_client.hset(keys.reclaims, c.batch_id, 1)
+    # 1,200 dead letters, two per batch of the first 600: each written with its own batch
+    dead = {c.batch_id: [dead_letter_entry(raw, "bad") for raw in c.items[:2]] for c in claims}
+    flags = await ack(redis_client, keys, claims, dead_letters=dead, stats={"inserted": 600})
+    assert flags == [True] * 600
     assert await redis_client.zcard(keys.leases) == 0
     assert await redis_client.hlen(keys.reclaims) == 0
-    assert not any([await redis_client.exists(keys.inflight(b)) for b in ids])
-    assert await redis_client.lrange(keys.dead, 0, -1) == dead
+    assert await redis_client.hlen(keys.owners) == 0
+    assert not any([await redis_client.exists(keys.inflight(c.batch_id)) for c in claims])
+    assert await redis_client.lrange(keys.dead, 0, -1) == [e for c in claims for e in dead[c.batch_id]]
     assert await redis_client.hget(keys.stats, "claimed") == b"1800"
+    assert await redis_client.hget(keys.stats, "dead") == b"1200"
     assert await redis_client.llen(keys.queue) == 200
-    await ack(redis_client, keys, [], stats={})  # nothing to release: a no-op, not an error
+    assert await ack(redis_client, keys, [], stats={}) == []  # nothing to release: a no-op, not an error
 
 
 async def test_split_lease(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
     await push(redis_client, keys, payloads(0, 1203), cap=10_000)
-    await claim(redis_client, keys, 1203, "poison")
+    poison = await claim(redis_client, keys, 1203, "poison", token="owner")
     await redis_client.hset(keys.reclaims, "poison", 3)
     parts = [("p1", payloads(0, 1)), ("p2", payloads(1, 2)), ("empty", []), ("rest", payloads(2, 1203))]
-    await split_lease(redis_client, keys, "poison", parts)
+    assert await split_lease(redis_client, keys, poison, parts)
     assert not await redis_client.exists(keys.inflight("poison"))
     assert not await redis_client.hexists(keys.reclaims, "poison")
     leases = {member.decode() for member in await redis_client.zrange(keys.leases, 0, -1)}
     assert leases == {"p1", "p2", "rest"}, "no lease for an empty part, none left for the old batch"
+    owners = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(keys.owners)).items()}
+    assert owners == {"p1": "owner", "p2": "owner", "rest": "owner"}, "the parts stay the splitter's"
     assert await redis_client.lrange(keys.inflight("p2"), 0, -1) == payloads(1, 2)
     assert await redis_client.lrange(keys.inflight("rest"), 0, -1) == payloads(2, 1203)
-    await set_reclaims(redis_client, keys, "p1", 5)
+    assert await mark_reclaims(redis_client, keys, Claim("p1", [], 0, "owner"), 5)
     assert await redis_client.hget(keys.reclaims, "p1") == b"5"
 
 
@@ -375,12 +444,14 @@ async def test_split_and_mark_run_under_oom(tmp_path: Path) -> None:
         try:
             keys = QueueKeys("oom")
             await push(client, keys, [b"x" * 10_000] * 200, cap=1_000_000)
-            await claim(client, keys, 10, "b")
+            taken = await claim(client, keys, 10, "b")
             await client.config_set("maxmemory", int((await client.info("memory"))["used_memory"]) // 2)
             with pytest.raises(OutOfMemoryError):
                 await client.hset(keys.reclaims, "b", 1)
-            await split_lease(client, keys, "b", [("b1", [b"x" * 10_000] * 5), ("b2", [b"x" * 10_000] * 5)])
-            await set_reclaims(client, keys, "b1", 9)
+            assert await split_lease(
+                client, keys, taken, [("b1", [b"x" * 10_000] * 5), ("b2", [b"x" * 10_000] * 5)]
+            )
+            assert await mark_reclaims(client, keys, taken._replace(batch_id="b1"), 9)
             assert await client.llen(keys.inflight("b2")) == 5
             assert await client.hget(keys.reclaims, "b1") == b"9"
         finally:
@@ -398,6 +469,15 @@ def test_dead_letter_entry() -> None:
     assert orjson.loads(dead_letter_entry("text", "e"))["payload"] == "text"
 
 
-def test_batch_ids_are_free_form() -> None:
-    batch = uuid.uuid4().hex
-    assert QueueKeys("p").inflight(batch).endswith(batch)
+async def test_batch_ids_are_free_form(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    """Ids with separators, hash-tag braces and non-ASCII go through claim, take-over and ack intact."""
+    odd = "a:b {c} é/1"
+    await push(redis_client, keys, payloads(0, 2), cap=100)
+    first = await claim(redis_client, keys, 2, odd)
+    assert await redis_client.lrange(keys.inflight(odd), 0, -1) == payloads(0, 2)
+    await redis_client.zadd(keys.leases, {odd: 1})
+    assert await expired_leases(redis_client, keys, 60) == [(odd, "1")]
+    taken = await take_over(redis_client, keys, odd, "1", 60)
+    assert taken is not None and taken.items == first.items
+    assert await ack(redis_client, keys, [taken]) == [True]
+    assert not await redis_client.exists(keys.inflight(odd), keys.leases, keys.owners)

@@ -10,7 +10,7 @@ rows, dead letters, the dropped counter, the stats hash. ``check`` then asserts:
 - I2 exact accounting: rows + dead + dropped == every event that reached Redis, and nothing appears
   that nobody offered;
 - I3 no duplicates: one row per event_id, no event_id dead-lettered twice or both stored and dead;
-- I4 nothing stuck: empty queue, no lease, no in-flight list, no reclaim counter left.
+- I4 nothing stuck: empty queue, no lease, no in-flight list, no reclaim counter or owner token left.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Outcome:
     leases: int
     inflight_keys: list[str]
     reclaims: dict[str, str]
+    owners: dict[str, str] = field(default_factory=dict)
 
     @property
     def row_ids(self) -> set[str]:
@@ -110,6 +111,7 @@ class Outcome:
         assert self.leases == 0, f"I4: leases left: {summary}"
         assert not self.inflight_keys, f"I4: in-flight lists left {self.inflight_keys[:5]}: {summary}"
         assert not self.reclaims, f"I4: reclaim counters left {self.reclaims}: {summary}"
+        assert not self.owners, f"I4: owner tokens left {self.owners}: {summary}"
         # I1
         missing = ledger.accepted - stored
         assert len(missing) <= self.dropped, (
@@ -145,6 +147,7 @@ async def collect(settings: Settings) -> Outcome:
         leases = int(await client.zcard(keys.leases))
         inflight = [k.decode() async for k in client.scan_iter(match=f"{keys.inflight('*')}")]
         reclaims = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.reclaims)).items()}
+        owners = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.owners)).items()}
     finally:
         await client.aclose()
     conn = await asyncpg.connect(settings.database_url, timeout=10)
@@ -163,6 +166,7 @@ async def collect(settings: Settings) -> Outcome:
         leases=leases,
         inflight_keys=inflight,
         reclaims=reclaims,
+        owners=owners,
     )
 
 
