@@ -104,6 +104,8 @@ if owner then
   if owner == ARGV[3] then return redis.call('LRANGE', KEYS[3], 0, -1) end
   return {}
 end
+-- a lease with no owner was released: its id is spent (popping onto its list would mix two batches)
+if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return {} end
 local items = redis.call('LPOP', KEYS[1], ARGV[1])
 if not items then return {} end
 chunked('RPUSH', KEYS[3], items, 1, #items)

@@ -234,11 +234,13 @@ class BatchWriter:
         ours = [c for c, flag in zip(claims, flags, strict=True) if flag]
         if len(ours) < len(claims):
             # Another drain took these over while we worked (we were paused past the lease): it owns
-            # them now and writes their dead letters; ours would be second copies.
+            # them now and writes their dead letters; ours would be second copies. (Or an attempt of
+            # this very ack ran through a stall with its reply lost: then they are acked already.)
             lost = [c.batch_id for c, flag in zip(claims, flags, strict=True) if not flag]
             logger.warning(
-                "%s batch(es) were taken over by another drain before this one acked them "
-                "(their rows are in; the new owner acks them): %s",
+                "%s batch(es) were no longer this drain's when it acked them: another drain took them "
+                "over (their rows are in; the new owner acks them), or an earlier attempt of this ack "
+                "ran with its reply lost: %s",
                 len(lost),
                 ", ".join(lost[:5]),
             )
