@@ -134,7 +134,7 @@ def test_18_drain_paused_past_its_lease_is_fenced(
     assert final["claimed"] == "10", final
     first = _summary_of(log)
     output = log.read_text()
-    assert "taken over by another drain" in output, output
+    assert "no longer this drain's when it acked them: another drain took them over" in output, output
     assert first["dead_lettered"] == 0 and first["batches"] == 0, first
     assert first["inserted"] == 0, "its rows were in already: B committed them"
     asyncio.run(quiesce(settings))
