@@ -111,14 +111,18 @@ class QueueCollector:
         else:
             where = redact_url(self.settings.database_url)
             advice = _database_error(error)[1]
-        reason = str(error) or type(error).__name__
+        # wait_for's TimeoutError has no message: say what it means.
+        reason = str(error) or (
+            f"no answer within {self.timeout:g}s" if isinstance(error, TimeoutError) else type(error).__name__
+        )
         logger.warning("%s at %s is down (%s); %s", backend, where, reason, advice or "see above")
 
     def collect(self) -> Iterator[Metric]:
         redis_part, db_error = asyncio.run(self._read())
         redis_error = redis_part if isinstance(redis_part, BaseException) else None
-        if isinstance(redis_part, BaseException) and not isinstance(redis_part, Exception):
-            raise redis_part  # KeyboardInterrupt, SystemExit: not a backend's state
+        for error in (redis_error, db_error):
+            if error is not None and not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt, SystemExit: not a backend's state
         self._note("redis", redis_error)
         self._note("postgresql", db_error)
         up = GaugeMetricFamily(

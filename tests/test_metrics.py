@@ -214,6 +214,7 @@ def test_a_hanging_backend_costs_one_timeout_not_the_scrape(settings: Settings, 
         elapsed = time.monotonic() - started
     assert _up(samples, "postgresql") == 0.0 and _up(samples, "redis") == 1.0
     assert elapsed < 5.0, elapsed
+    assert "is down (no answer within 1s)" in exporter.stop()
 
 
 def test_port_in_use_is_a_clear_error(settings: Settings) -> None:
