@@ -285,3 +285,28 @@ def demo(ctx: click.Context) -> None:
     from .demo import main as demo_main
 
     demo_main.main(args=ctx.args, prog_name="analytics-bridge demo")
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds each backend may take per scrape before its up gauge reads 0.",
+)
+@click.pass_context
+def metrics(ctx: click.Context, port: int, host: str, timeout: float) -> None:
+    """Serve Prometheus metrics of the queue and the table on http://HOST:PORT/metrics.
+
+    Every scrape reads Redis and PostgreSQL afresh (the figures of `status`); a backend that is down
+    reads analytics_backend_up 0 and the scrape still succeeds. Runs until SIGTERM or Ctrl-C.
+    """
+    from .metrics import serve  # prometheus_client: only this command needs it
+
+    try:
+        serve(_settings(ctx), host=host, port=port, timeout=timeout)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
