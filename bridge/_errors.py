@@ -34,6 +34,8 @@ __all__ = [
     "EVENT_ID_CONSTRAINT",
     "ConnectionLostError",
     "HeldByEnvironment",
+    "NotMigrated",
+    "RedisTooOld",
     "advice",
     "is_configuration_error",
     "is_connection_error",
@@ -65,6 +67,14 @@ class HeldByEnvironment(Exception):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.constraint = constraint
+
+
+class NotMigrated(Exception):
+    """The events table (or a column of it) is missing: run ``analytics-bridge migrate``."""
+
+
+class RedisTooOld(Exception):
+    """The Redis server cannot run the drain's scripts (< 7.0); the message names both versions."""
 
 
 #: Exception classes that mean "try again later": Celery's ``autoretry_for`` takes exactly these.

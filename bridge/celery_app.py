@@ -4,7 +4,8 @@ Everything comes from ``Settings.from_env()`` (``ANALYTICS_*`` variables): the b
 interval, the time limits. Nothing here opens a connection: the prefork pool forks after import,
 and an async client made before the fork would be shared by every child.
 
-Start-up refuses a configuration that would let two drains own the same batch: the visibility
+At worker start-up (``celeryd_after_setup``) :func:`preflight` checks the Redis version and the
+table. Start-up also refuses a configuration that would let two drains own the same batch: the visibility
 timeout (after which another drain takes a batch over) must exceed the task's hard time limit
 (after which the worker kills a drain that is still running), and the soft limit must come first.
 """
@@ -15,12 +16,13 @@ import logging
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings, env_name
 
-__all__ = ["app", "check_time_limits", "settings"]
+__all__ = ["app", "check_time_limits", "preflight", "settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +96,17 @@ app.conf.update(
         }
     },
 )
+
+
+def preflight(sender: object = None, instance: object = None, **_: object) -> None:
+    """At worker start-up (logging set up, pool not yet forked): Redis >= 7.0 or refuse to start, and
+    one ERROR naming `analytics-bridge migrate` if the table is missing (see bridge/_preflight.py).
+    Connected to a signal rather than run here: importing the app must not connect to anything."""
+    if getattr(instance, "app", None) is not app:
+        return  # another app's worker in this process
+    from ._preflight import worker_preflight
+
+    worker_preflight(settings)
+
+
+celeryd_after_setup.connect(preflight, weak=False)

@@ -8,7 +8,8 @@
 
 Configuration comes from the same ``ANALYTICS_*`` variables as the SDK and the worker. Logs go to
 stderr, results to stdout, so ``--json`` output can be piped. Exit codes: 0 done, 1 the operation
-failed, 2 bad configuration or a service unreachable.
+failed (e.g. a read-only database: the events wait in flight), 2 bad configuration (a setting, the
+credentials, a missing database or table: run ``migrate``; Redis < 7.0) or a service unreachable.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import asyncpg
 import click
 import orjson
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,6 +33,15 @@ from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings, redact_url
 
 from . import _cli_dead, _cli_status
+from ._errors import (
+    HeldByEnvironment,
+    NotMigrated,
+    RedisTooOld,
+    advice,
+    is_configuration_error,
+    is_connection_error,
+    postgres_error_of,
+)
 
 __all__ = ["main"]
 
@@ -48,31 +59,65 @@ class Unreachable(click.ClickException):
     exit_code = 2
 
 
+class Misconfigured(click.ClickException):
+    """Bad configuration (credentials, a missing database or table, Redis too old): exit 2."""
+
+    exit_code = 2
+
+
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
 
 
+def _is_local_default(url: str, port: int) -> bool:
+    """True when ``url`` points at this machine's default port: only then is "start it here" advice."""
+    try:
+        parts = urlsplit(url)
+        return parts.hostname in ("127.0.0.1", "localhost", "::1", None) and (parts.port or port) == port
+    except ValueError:
+        return False
+
+
+def _unreachable(
+    what: str, url: str, exc: BaseException, start: str, port: int, variable: str
+) -> Unreachable:
+    shown = redact_url(url)
+    how = (
+        f"Start it: {start}\nor point {variable} elsewhere."
+        if _is_local_default(url, port)
+        else f"Check that it runs at {shown} and is reachable from here, or fix {variable}."
+    )
+    return Unreachable(f"{what} at {shown} did not answer ({exc}).\n{how}")
+
+
 def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
-    """asyncio.run, with unreachable services turned into a message that says what to do."""
+    """asyncio.run, with failures turned into advice that fits them (bridge._errors.advice) and the
+    README's exit codes: 2 bad configuration (credentials, missing database or table, Redis < 7.0)
+    or a service unreachable, 1 the operation failed (e.g. a read-only database)."""
     try:
         return asyncio.run(coro)
+    except RedisAuthenticationError as exc:  # before ConnectionError, its base class
+        raise Misconfigured(f"Redis at {redact_url(settings.redis_dsn)}: {advice(exc)}") from exc
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise Unreachable(
-            f"Redis at {redact_url(settings.redis_dsn)} did not answer ({exc}).\n"
-            f"Start it: {START_REDIS}\n"
-            "or point ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_HOST/PORT/DB) elsewhere."
+        raise _unreachable(
+            "Redis", settings.redis_dsn, exc, START_REDIS, 6379, "ANALYTICS_REDIS_URL (or _HOST/_PORT/_DB)"
         ) from exc
-    except asyncpg.PostgresError as exc:
-        raise click.ClickException(
-            f"PostgreSQL at {redact_url(settings.database_url)} refused: {exc}\n"
-            "(has `analytics-bridge migrate` run against this database?)"
-        ) from exc
-    except (OSError, TimeoutError) as exc:
-        raise Unreachable(
-            f"PostgreSQL at {redact_url(settings.database_url)} did not answer ({exc}).\n"
-            f"Start it: {START_POSTGRES}\nor point ANALYTICS_DATABASE_URL elsewhere."
-        ) from exc
+    except RedisTooOld as exc:
+        raise Misconfigured(str(exc)) from exc
+    except NotMigrated as exc:
+        raise Misconfigured(f"PostgreSQL at {redact_url(settings.database_url)}: {exc}") from exc
+    except Exception as exc:
+        pg = postgres_error_of(exc)
+        if pg is None and isinstance(exc, OSError):
+            raise _unreachable(
+                "PostgreSQL", settings.database_url, exc, START_POSTGRES, 5432, "ANALYTICS_DATABASE_URL"
+            ) from exc
+        if pg is None and not isinstance(exc, HeldByEnvironment):
+            raise  # a bug: let its traceback show
+        exit_2 = is_configuration_error(exc) or is_connection_error(pg or exc)
+        error = Misconfigured if exit_2 else click.ClickException
+        raise error(f"PostgreSQL at {redact_url(settings.database_url)}: {advice(exc)}") from exc
 
 
 def _echo_json(data: object) -> None:
