@@ -61,9 +61,10 @@ class HeldByEnvironment(Exception):
     """Rows refused for a reason that is the database's, not theirs (a sequence behind the rows, a
     constraint every row violates): the batch is held in flight, nothing is dead-lettered.
 
-    ``str()`` is the operator's advice; the PostgreSQL error it stands for is ``__cause__``."""
+    ``str()`` is the operator's advice; the PostgreSQL error it stands for is ``__cause__``. The
+    defaults let it be rebuilt from its args alone, as the prefork pool does to report it."""
 
-    def __init__(self, message: str, *, sqlstate: str | None, constraint: str | None) -> None:
+    def __init__(self, message: str, *, sqlstate: str | None = None, constraint: str | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
         self.constraint = constraint

@@ -47,7 +47,7 @@ def _report(exc: Exception) -> None:
     Not retried: waiting seconds does not fix a read-only database or a missing table; the next beat
     tick tries again, and the released batches wait for it."""
     if not was_reported(exc):
-        logger.error("drain held, nothing dead-lettered: %s", advice(exc))
+        logger.error("drain held its events in flight, none dead-lettered: %s", advice(exc))
 
 
 # The queue comes from the app's task_routes (Celery 5.7 deprecates the task's own queue attribute).
