@@ -70,22 +70,23 @@ def _settings(ctx: click.Context) -> Settings:
     return settings
 
 
-def _is_local_default(url: str, port: int) -> bool:
-    """True when ``url`` points at this machine's default port: only then is "start it here" advice."""
+def _local_port(url: str, default: int) -> int | None:
+    """The port of ``url`` if it points at this machine (only then is "start it here" advice), else None."""
     try:
         parts = urlsplit(url)
-        return parts.hostname in ("127.0.0.1", "localhost", "::1", None) and (parts.port or port) == port
+        return (parts.port or default) if parts.hostname in ("127.0.0.1", "localhost", "::1", None) else None
     except ValueError:
-        return False
+        return None
 
 
 def _unreachable(
     what: str, url: str, exc: BaseException, start: str, port: int, variable: str
 ) -> Unreachable:
     shown = redact_url(url)
+    local = _local_port(url, port)
     how = (
-        f"Start it: {start}\nor point {variable} elsewhere."
-        if _is_local_default(url, port)
+        f"Start it: {start.replace(f'--port {port}', f'--port {local}')}\nor point {variable} elsewhere."
+        if local is not None
         else f"Check that it runs at {shown} and is reachable from here, or fix {variable}."
     )
     return Unreachable(f"{what} at {shown} did not answer ({exc}).\n{how}")

@@ -274,7 +274,16 @@ def test_a_wrong_redis_password_on_another_port_says_so(settings: Settings, tmp_
     assert "redis-server" not in result.output and "wrong-one" not in result.output
 
 
-def test_redis_unreachable_on_another_host_port_is_not_told_to_start_it_here(settings: Settings) -> None:
-    result = _invoke(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"), "flush")
+def test_redis_unreachable_elsewhere_is_not_told_to_start_it_here(settings: Settings) -> None:
+    # .invalid never resolves (RFC 6761): a host that is not this machine.
+    result = _invoke(settings.replace(redis_url="redis://redis.invalid:6390/0"), "flush")
     assert result.exit_code == 2, result.output
     assert "did not answer" in result.output and "redis-server" not in result.output
+    assert "reachable from here" in result.output
+
+
+def test_redis_unreachable_on_this_machine_is_told_to_start_it_on_its_port(settings: Settings) -> None:
+    port = free_port()
+    result = _invoke(settings.replace(redis_url=f"redis://127.0.0.1:{port}/0"), "flush")
+    assert result.exit_code == 2, result.output
+    assert f"--port {port} " in result.output and "--port 6379" not in result.output
