@@ -220,7 +220,8 @@ _BY_CLASS = {
 def _postgres_advice(pg: asyncpg.PostgresError) -> str:
     state = sqlstate_of(pg) or "?????"
     todo = _BY_STATE.get(state) or _BY_CLASS.get(state[:2]) or "see the PostgreSQL server log"
-    message = str(pg.message if getattr(pg, "message", None) else pg)
+    # The message only: its DETAIL is a multi-line dump of the failing row, and this is one log line.
+    message = str(pg.message if getattr(pg, "message", None) else pg).replace("\n", " ")
     return f"PostgreSQL refused (SQLSTATE {state}: {message}): {todo}"
 
 

@@ -42,6 +42,12 @@ def _reason(exc: BaseException) -> tuple[str | None, str | None]:
     return sqlstate_of(exc), name if isinstance(name, str) else None
 
 
+def _message(exc: BaseException) -> str:
+    """The server's one-line message, without its DETAIL (a multi-line dump of the failing row)."""
+    message = getattr(exc, "message", None)
+    return (message if isinstance(message, str) and message else str(exc)).replace("\n", " ")
+
+
 def _held_for(exc: BaseException, why: str) -> HeldByEnvironment:
     state, constraint = _reason(exc)
     what = f"constraint {constraint}" if constraint else f"SQLSTATE {state}"
@@ -52,7 +58,7 @@ def _held_for(exc: BaseException, why: str) -> HeldByEnvironment:
         "constraint or the producers, then the held events land"
     )
     return HeldByEnvironment(
-        f"PostgreSQL refused the rows (SQLSTATE {state}: {exc}) and {why}: {todo}",
+        f"PostgreSQL refused the rows (SQLSTATE {state}: {_message(exc)}) and {why}: {todo}",
         sqlstate=state,
         constraint=constraint,
     )
@@ -71,14 +77,14 @@ def held_at_once(exc: BaseException) -> HeldByEnvironment | None:
         else:
             todo = f"a unique constraint other than event_id's ({name}) refuses the rows: drop or fix it"
         return HeldByEnvironment(
-            f"PostgreSQL refused the rows (SQLSTATE 23505 on {name}: {exc}): {todo}",
+            f"PostgreSQL refused the rows (SQLSTATE 23505 on {name}: {_message(exc)}): {todo}",
             sqlstate=state,
             constraint=name,
         )
     if state == "23502" and name is not None and name not in COLUMNS:
         return HeldByEnvironment(
-            f"PostgreSQL refused the rows (SQLSTATE 23502: {exc}): column {name} is NOT NULL without "
-            "a default and the bridge does not write it (a later migration?): give it a default",
+            f"PostgreSQL refused the rows (SQLSTATE 23502: {_message(exc)}): column {name} is NOT NULL "
+            "without a default and the bridge does not write it (a later migration?): give it a default",
             sqlstate=state,
             constraint=name,
         )
