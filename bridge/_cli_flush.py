@@ -12,6 +12,7 @@ from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings
 
 from ._cli_status import redis_client
+from ._preflight import check_postgres, check_redis
 from .drain import DrainSummary, drain
 
 __all__ = ["run_flush"]
@@ -35,7 +36,12 @@ async def _backlog(settings: Settings) -> int:
 
 
 async def run_flush(settings: Settings, *, time_budget: float | None, show_progress: bool) -> dict[str, Any]:
-    """Drain now; returns the summary as a dict (the same one the task returns and logs)."""
+    """Drain now; returns the summary as a dict (the same one the task returns and logs).
+
+    Checks first, as the worker does at start-up: a Redis older than 7.0 raises
+    :class:`bridge._errors.RedisTooOld`, a missing table :class:`bridge._errors.NotMigrated`."""
+    await check_redis(settings)
+    await check_postgres(settings)
     length = await _backlog(settings)
     logger.info(
         "flush: %s event(s) queued or in flight under prefix %r", length, settings.analytics_key_prefix

@@ -24,6 +24,8 @@ import redis
 from analytics_sdk._settings import Settings, redact_url
 
 from ._cli_status import START_POSTGRES, START_REDIS
+from ._errors import RedisTooOld
+from ._preflight import check_redis_version
 from .schema import asyncpg_dsn
 
 __all__ = ["DemoError", "Worker", "broker_for_demo", "check_postgres", "check_redis"]
@@ -48,8 +50,10 @@ def check_redis(settings: Settings) -> None:
             f"Redis at {url} does not answer ({exc}).\nStart it:\n  {START_REDIS}\n"
             "or point ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_HOST, _PORT, _DB, _PASSWORD) at a running one."
         ) from None
-    if tuple(int(p) for p in version.split(".")[:2]) < (6, 2):
-        raise DemoError(f"Redis at {url} is {version}; the queue needs Redis >= 6.2 (LPOP with a count).")
+    try:
+        check_redis_version(version, f"Redis at {url}")
+    except RedisTooOld as exc:
+        raise DemoError(str(exc)) from None
 
 
 async def _probe_postgres(database_url: str) -> None:

@@ -5,8 +5,11 @@
 
 - An item that does not decode is dead-lettered with its reason (``stage: decode``).
 - A data error (SQLSTATE 22/23) bisects the rows until each bad one failed alone; those are
-  dead-lettered with SQLSTATE and message (``stage: insert``), the rest commit.
-- A connection error leaves the claims in flight, writes no dead letter and propagates.
+  dead-lettered with SQLSTATE and message (``stage: insert``), the rest commit. When the refusal is
+  the database's (every row fails the same way, an identity sequence behind the rows), the batch is
+  held like an environment error: :meth:`BatchWriter._insert_bisect`.
+- A connection or environment error leaves the claims in flight (released for the next drain),
+  writes no dead letter and propagates; an environment error is logged once at ERROR with advice.
 - The ack (dead letters, counters, release of every claim) runs only after the COMMIT, in one
   allow-oom Lua script (atomic like a MULTI, and still allowed when Redis is at maxmemory).
 """
@@ -33,12 +36,16 @@ from analytics_sdk._settings import Settings
 from . import _failpoints
 from ._errors import (
     ConnectionLostError,
+    advice,
     is_connection_error,
     is_data_error,
     is_environment_error,
     is_transient_conflict,
+    mark_reported,
     sqlstate_of,
+    was_reported,
 )
+from ._held import held_at_once, held_before_bisecting, held_by_environment
 from ._leases import LeaseKeeper, keep_unfinished_ack, keep_unfinished_release, settle
 from .store import InsertResult, insert_events
 
@@ -186,25 +193,63 @@ class BatchWriter:
     async def _insert_bisect(
         self, events: Sequence[Event], raws: Sequence[bytes], dead: list[bytes]
     ) -> InsertResult:
+        """Insert ``events``, bisecting on a data error; append a dead letter for each row that fails
+        alone while its neighbours commit.
+
+        Raises :class:`HeldByEnvironment` (the batch is held, nothing dead-lettered) when the refusal
+        is the database's: a unique violation on a constraint other than event_id's (an identity
+        sequence behind restored rows), a NOT NULL on a column the bridge never writes, or every row
+        failing with the same SQLSTATE and constraint. Any other environment error (read-only, disk
+        full...) propagates unchanged. Either way one ERROR line says what to do."""
+        failures: list[tuple[int, BaseException]] = []
+        try:
+            result = await self._bisect(events, 0, failures, first=True)
+            if failures:
+                held = await held_by_environment(self.conn, len(events), failures)
+                if held is not None:
+                    raise held from failures[0][1]
+        except Exception as exc:
+            if is_environment_error(exc) and not was_reported(exc):
+                line = f"{len(events)} events held in flight, none dead-lettered: {advice(exc)}"
+                logger.error("%s", line)
+                mark_reported(exc, line)
+            raise
+        for index, error in failures:
+            dead.append(
+                dead_letter_entry(
+                    raws[index],
+                    f"{type(error).__name__}: {error}",
+                    stage="insert",
+                    sqlstate=sqlstate_of(error),
+                    event_id=events[index].event_id,
+                )
+            )
+        return result
+
+    async def _bisect(
+        self,
+        events: Sequence[Event],
+        offset: int,
+        failures: list[tuple[int, BaseException]],
+        first: bool = False,
+    ) -> InsertResult:
+        """Insert, halving on data errors; the rows that failed alone go to ``failures`` (by index)."""
         try:
             return await self._insert(events)
         except Exception as exc:
             if not is_data_error(exc):
                 raise
+            held = held_at_once(exc)
+            if held is None and first and len(events) > 1:
+                held = await held_before_bisecting(self.conn, exc)
+            if held is not None:
+                raise held from exc
             if len(events) == 1:
-                dead.append(
-                    dead_letter_entry(
-                        raws[0],
-                        f"{type(exc).__name__}: {exc}",
-                        stage="insert",
-                        sqlstate=sqlstate_of(exc),
-                        event_id=events[0].event_id,
-                    )
-                )
+                failures.append((offset, exc))
                 return InsertResult(0, 0)
         middle = len(events) // 2
-        left = await self._insert_bisect(events[:middle], raws[:middle], dead)
-        right = await self._insert_bisect(events[middle:], raws[middle:], dead)
+        left = await self._bisect(events[:middle], offset, failures)
+        right = await self._bisect(events[middle:], offset + middle, failures)
         return InsertResult(left.inserted + right.inserted, left.duplicates + right.duplicates)
 
     async def release(self, claims: Sequence[Claim]) -> None:

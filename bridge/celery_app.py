@@ -4,7 +4,8 @@ Everything comes from ``Settings.from_env()`` (``ANALYTICS_*`` variables): the b
 interval, the time limits. Nothing here opens a connection: the prefork pool forks after import,
 and an async client made before the fork would be shared by every child.
 
-Start-up refuses a configuration that cannot work: the soft time limit must come before the hard one,
+At worker start-up (``celeryd_after_setup``) :func:`preflight` checks the Redis version and the
+table. Start-up refuses a configuration that cannot work: the soft time limit must come before the hard one,
 and the visibility timeout must leave the drain's heartbeat (a renewal every quarter of it) room to
 land a renewal even when one times out. The visibility timeout need not exceed the time limits: a
 drain renews its leases while it works, and a drain that was paused past its lease is fenced (its
@@ -17,12 +18,13 @@ import logging
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings, env_name
 
-__all__ = ["app", "check_time_limits", "settings"]
+__all__ = ["app", "check_time_limits", "preflight", "settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +102,17 @@ app.conf.update(
         }
     },
 )
+
+
+def preflight(sender: object = None, instance: object = None, **_: object) -> None:
+    """At worker start-up (logging set up, pool not yet forked): Redis >= 7.0 or refuse to start, and
+    one ERROR naming `analytics-bridge migrate` if the table is missing (see bridge/_preflight.py).
+    Connected to a signal rather than run here: importing the app must not connect to anything."""
+    if getattr(instance, "app", None) is not app:
+        return  # another app's worker in this process
+    from ._preflight import worker_preflight
+
+    worker_preflight(settings)
+
+
+celeryd_after_setup.connect(preflight, weak=False)

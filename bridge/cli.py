@@ -8,71 +8,39 @@
 
 Configuration comes from the same ``ANALYTICS_*`` variables as the SDK and the worker. Logs go to
 stderr, results to stdout, so ``--json`` output can be piped. Exit codes: 0 done, 1 the operation
-failed, 2 bad configuration or a service unreachable.
+failed (e.g. a read-only database: the events wait in flight), 2 bad configuration (a setting, the
+credentials, a missing database or table: run ``migrate``; Redis < 7.0) or a service unreachable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import asyncpg
 import click
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings, redact_url
 
-from . import _cli_dead, _cli_status
+from . import _cli_dead, _cli_errors, _cli_status
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 START_REDIS = _cli_status.START_REDIS
 START_POSTGRES = _cli_status.START_POSTGRES
-
-
-class Unreachable(click.ClickException):
-    """A service did not answer: exit 2, with how to start it."""
-
-    exit_code = 2
+Unreachable = _cli_errors.Unreachable
+_run = _cli_errors.run
 
 
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
-
-
-def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
-    """asyncio.run, with unreachable services turned into a message that says what to do."""
-    try:
-        return asyncio.run(coro)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise Unreachable(
-            f"Redis at {redact_url(settings.redis_dsn)} did not answer ({exc}).\n"
-            f"Start it: {START_REDIS}\n"
-            "or point ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_HOST/PORT/DB) elsewhere."
-        ) from exc
-    except asyncpg.PostgresError as exc:
-        raise click.ClickException(
-            f"PostgreSQL at {redact_url(settings.database_url)} refused: {exc}\n"
-            "(has `analytics-bridge migrate` run against this database?)"
-        ) from exc
-    except (OSError, TimeoutError) as exc:
-        raise Unreachable(
-            f"PostgreSQL at {redact_url(settings.database_url)} did not answer ({exc}).\n"
-            f"Start it: {START_POSTGRES}\nor point ANALYTICS_DATABASE_URL elsewhere."
-        ) from exc
 
 
 def _echo_json(data: object) -> None:

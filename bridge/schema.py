@@ -9,6 +9,7 @@ disposed inside the coroutine: none outlives the event loop that made it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -30,7 +31,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from analytics_sdk._settings import redact_url
 
-__all__ = ["TABLE_NAME", "asyncpg_dsn", "events_table", "metadata", "migrate", "sqlalchemy_url"]
+__all__ = [
+    "TABLE_NAME",
+    "asyncpg_dsn",
+    "events_table",
+    "metadata",
+    "migrate",
+    "schema_problem",
+    "sqlalchemy_url",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +150,21 @@ def _is_missing_database(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or getattr(seen, "orig", None)
     return False
+
+
+async def schema_problem(conn: asyncpg.Connection[Any]) -> str | None:
+    """What keeps the drain from writing to this database (table or columns missing), or None."""
+    found = await conn.fetch(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
+        "AND NOT attisdropped",
+        TABLE_NAME,
+    )
+    if not found:
+        return f"table {TABLE_NAME} does not exist: run `analytics-bridge migrate` against this database"
+    missing = [c.name for c in events_table.columns if c.name not in {r["attname"] for r in found}]
+    if missing:
+        return (
+            f"table {TABLE_NAME} lacks column(s) {', '.join(missing)}: run `analytics-bridge migrate`, "
+            "compare the table with bridge/schema.py"
+        )
+    return None

@@ -13,6 +13,7 @@ strings instead of running asyncpg's per-row inet/jsonb encoders.
 from __future__ import annotations
 
 import logging
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -30,6 +31,7 @@ __all__ = [
     "STAGING_TABLE",
     "InsertResult",
     "insert_events",
+    "insert_copy_of_newest",
     "record",
     "is_connection_error",
     "is_data_error",
@@ -53,6 +55,14 @@ _INSERT = (
     f"INSERT INTO {TABLE_NAME} ({', '.join(COLUMNS)}) "
     f"SELECT {', '.join(c + _CASTS.get(c, '') for c in COLUMNS)} FROM pg_temp.{STAGING_TABLE} "
     "ON CONFLICT (event_id) DO NOTHING"
+)
+
+# A neighbour for a row that failed alone: the newest stored row, under a new event_id. Only our own
+# columns are copied, so what a later migration added (a column, a default) applies as to our rows.
+_COPY_NEWEST = (
+    f"INSERT INTO {TABLE_NAME} ({', '.join(COLUMNS)}) "
+    f"SELECT {', '.join('$1::uuid' if c == 'event_id' else c for c in COLUMNS)} "
+    f"FROM {TABLE_NAME} ORDER BY id DESC LIMIT 1"
 )
 
 # Connections whose staging table exists (created outside any transaction, so no rollback undoes it).
@@ -126,3 +136,18 @@ async def insert_events(
             continue
         return InsertResult(inserted, len(records) - inserted)
     raise AssertionError("unreachable")
+
+
+async def insert_copy_of_newest(conn: asyncpg.Connection[Any]) -> int:
+    """Insert a copy of the newest stored row under a fresh event_id and roll it back: 1 if the table
+    takes it, 0 if the table is empty; raises what PostgreSQL refuses (as for the real rows).
+
+    The drain's evidence for a lone row that failed: if a row the table already holds goes in where
+    the lone row does not, the lone row is at fault; if it fails the same way, the table is."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        status = await conn.execute(_COPY_NEWEST, str(uuid.uuid4()))
+        return int(status.rsplit(" ", 1)[-1])
+    finally:
+        await transaction.rollback()

@@ -121,6 +121,31 @@ async def test_migrate_is_idempotent(database_url: str) -> None:
     await migrate(database_url)
 
 
+async def test_migrate_twice_over_rows_keeps_every_row() -> None:
+    """Idempotent over a table with rows, not only an empty one: nothing dropped, recreated or added."""
+    name = f"analytics_migrate_rows_{secrets.token_hex(4)}"
+    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                f"INSERT INTO {TABLE_NAME} (event_id, event_type, created_at) "
+                "SELECT gen_random_uuid(), 'kept', now() FROM generate_series(1, 250)"
+            )
+            before = await conn.fetch(f"SELECT id, event_id FROM {TABLE_NAME} ORDER BY id")
+            oid = await conn.fetchval("SELECT to_regclass($1)::oid", TABLE_NAME)
+            await migrate(url)
+            await migrate(url)
+            after = await conn.fetch(f"SELECT id, event_id FROM {TABLE_NAME} ORDER BY id")
+            assert len(before) == 250 and after == before
+            assert await conn.fetchval("SELECT to_regclass($1)::oid", TABLE_NAME) == oid  # not recreated
+        finally:
+            await conn.close()
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 async def test_migrate_creates_a_missing_database_and_concurrent_calls_agree() -> None:
     name = f"analytics_migrate_{secrets.token_hex(4)}"
     url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"

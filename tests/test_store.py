@@ -223,7 +223,15 @@ def test_data_errors_are_classified() -> None:
     assert is_transient_conflict(asyncpg.SerializationError("40001"))
 
 
-def test_events_made_by_the_sdk_round_trip_through_naive_and_aware_times() -> None:
-    # Guard for the fixture helpers above: validate() normalises created_at to aware UTC.
-    assert _event(created_at=datetime(2024, 1, 1)).created_at.tzinfo is UTC
-    assert len(new_event_id()) == 36
+async def test_naive_and_aware_times_land_as_the_same_utc_instant(conn: asyncpg.Connection[Any]) -> None:
+    """A naive created_at is taken as UTC (as the old service's utcnow()); an aware one keeps its
+    instant: both are stored as that instant, read back from the table, not from the helper."""
+    naive = _event(created_at=datetime(2024, 1, 1, 12, 0))
+    aware = _event(created_at=datetime(2024, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))))
+    assert await insert_events(conn, [naive, aware]) == InsertResult(2, 0)
+    stored = await conn.fetch(
+        "SELECT event_id::text AS id, created_at FROM analytics_events WHERE event_id = ANY($1::uuid[])",
+        [naive.event_id, aware.event_id],
+    )
+    assert len(stored) == 2 and len(new_event_id()) == 36
+    assert {r["created_at"] for r in stored} == {datetime(2024, 1, 1, 12, 0, tzinfo=UTC)}

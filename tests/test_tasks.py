@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 from datetime import timedelta
@@ -147,6 +148,41 @@ def test_postgresql_unreachable_is_retried_then_fails_keeping_the_events(
     assert sync_redis.llen(keys.queue) == 20 and sync_redis.llen(keys.dead) == 0
     monkeypatch.setenv("ANALYTICS_DATABASE_URL", task_env.database_url)
     assert flush_analytics_events.apply().get()["inserted"] == 20
+
+
+def test_unmigrated_database_is_one_error_line_not_retried_events_kept(
+    task_env: Settings,
+    sync_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker started before migrate: each drain logs one ERROR naming migrate (Celery logs the task
+    at INFO without a traceback), is not retried, and keeps the events for the drain after migrate."""
+    from bridge._errors import HeldByEnvironment
+    from bridge.schema import migrate
+    from tests.conftest import PG_ADMIN_URL, _admin
+
+    keys = QueueKeys(task_env.analytics_key_prefix)
+    name = f"analytics_task_bare_{secrets.token_hex(4)}"
+    run_blocking(_admin(f'CREATE DATABASE "{name}"'))
+    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        monkeypatch.setenv("ANALYTICS_DATABASE_URL", url)
+        _push(task_env, sync_redis, 20)
+        caplog.set_level(logging.INFO)
+        for _ in range(2):
+            result = flush_analytics_events.apply()
+            assert result.failed() and isinstance(result.result, HeldByEnvironment)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 2, [r.getMessage() for r in errors]  # one line per drain
+        assert all("42P01" in r.getMessage() and "analytics-bridge migrate" in r.getMessage() for r in errors)
+        assert all(r.exc_info is None for r in caplog.records), "a traceback was logged"
+        assert "Retry in" not in caplog.text
+        assert sync_redis.llen(keys.dead) == 0 and sync_redis.hlen(keys.reclaims) == 0
+        run_blocking(migrate(url))
+        assert flush_analytics_events.apply().get()["inserted"] == 20
+    finally:
+        run_blocking(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_redis_unreachable_is_a_retried_error(task_env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

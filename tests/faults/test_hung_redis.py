@@ -54,7 +54,7 @@ async def _wave(client: AnalyticsClient, tag: str) -> tuple[list[tuple[str, floa
 
 
 @pytest.mark.timeout(120)
-def test_redis_that_accepts_and_never_answers(pg_cluster: PostgresServer, tmp_path: Path) -> None:
+def test_29_redis_that_accepts_and_never_answers(pg_cluster: PostgresServer, tmp_path: Path) -> None:
     hung = HungServer()
     server: RedisServer | None = None
     try:
