@@ -1,10 +1,14 @@
-"""The leases one drain holds: a heartbeat that keeps them, and a settler that finishes their acks and
-releases when Redis stalls.
+"""The leases one drain holds: a heartbeat that keeps them, their fenced ack and release, and a settler
+that finishes those when Redis stalls.
 
 **Heartbeat.** While a drain works, its leases are renewed every ``visibility_timeout / 4`` under its
 owner tokens (one fenced script for all of them). So the visibility timeout can be short (a minute):
 a live drain never looks dead however long its batches take, and a dead worker's batches are back
 within the timeout. A renewal that finds a lease taken over logs it; that batch's ack will do nothing.
+
+**Ack and release.** An ack writes each batch's dead letters with its own batch only, so a batch that
+another drain took over meanwhile (this one was paused past its lease) gets none from us: its new owner
+writes them. A release makes a batch due at once for the next drain without counting as a death.
 
 **Settling through a stall.** An ack after COMMIT and a release after a failure are Redis writes; when
 Redis stalls (paused, failing over, a network blip) they fail too, and the batches would sit in flight
@@ -24,6 +28,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -121,6 +126,49 @@ class LeaseKeeper:
         for c in claims:
             self.held.pop(c.batch_id, None)
 
+    async def ack(
+        self, claims: Sequence[Claim], dead: list[bytes], inserted: int, duplicates: int
+    ) -> tuple[list[Claim], list[bytes]]:
+        """After COMMIT: ack ``claims`` with their dead letters and the transaction's counts, through a
+        stall if need be. Returns the claims that were still ours and the dead letters written."""
+        by_batch = _dead_by_batch(claims, dead)
+        stats = {"inserted": inserted, "duplicates": duplicates}
+        self.drop(claims)  # acked leases need no renewal (and would look taken over)
+        try:
+            flags = await settle(
+                "ack", lambda: ack(self.redis, self.keys, claims, dead_letters=by_batch, stats=stats)
+            )
+        except _STALL_ERRORS:
+            keep_unfinished_ack(self.keys, claims, by_batch, stats)
+            raise
+        ours = [c for c, flag in zip(claims, flags, strict=True) if flag]
+        if len(ours) < len(claims):
+            # Another drain took these over while we worked (we were paused past the lease): it owns
+            # them now and writes their dead letters; ours would be second copies. (Or an attempt of
+            # this very ack ran through a stall with its reply lost: then they are acked already.)
+            lost = [c.batch_id for c, flag in zip(claims, flags, strict=True) if not flag]
+            logger.warning(
+                "%s batch(es) were no longer this drain's when it acked them: another drain took them "
+                "over (their rows are in; the new owner acks them), or an earlier attempt of this ack "
+                "ran with its reply lost: %s",
+                len(lost),
+                ", ".join(lost[:5]),
+            )
+        return ours, [entry for c in ours for entry in by_batch.get(c.batch_id, ())]
+
+    async def release(self, claims: Sequence[Claim]) -> None:
+        """Give ``claims`` back for the next drain at once (their items stay in flight). Through a
+        Redis stall it keeps trying for a while, then leaves them to the next drain in this process."""
+        if not claims:
+            return
+        self.drop(claims)
+        try:
+            await settle("release", lambda: release(self.redis, self.keys, claims))
+        except _STALL_ERRORS:
+            keep_unfinished_release(self.keys, claims)
+        except Exception as exc:  # e.g. a refused script: the leases expire on their own
+            logger.warning("could not release %s batch(es): %s", len(claims), exc)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._beat(), name="analytics-lease-heartbeat")
 
@@ -150,3 +198,18 @@ class LeaseKeeper:
                     len(lost),
                     ", ".join(c.batch_id for c in lost[:5]),
                 )
+
+
+def _dead_by_batch(claims: Sequence[Claim], dead: list[bytes]) -> dict[str, list[bytes]]:
+    """Which claim each dead letter came from (by its payload), so that each is written only with
+    its own batch's ack. Dead letters are rare: this runs on the slow path only."""
+    if not dead:
+        return {}
+    if len(claims) == 1:
+        return {claims[0].batch_id: dead}
+    origin = {raw.decode("utf-8", errors="backslashreplace"): c.batch_id for c in claims for raw in c.items}
+    by_batch: dict[str, list[bytes]] = {}
+    for entry in dead:
+        batch_id = origin.get(orjson.loads(entry)["payload"], claims[0].batch_id)
+        by_batch.setdefault(batch_id, []).append(entry)
+    return by_batch

@@ -24,13 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_sdk._event import Event, decode
-from analytics_sdk._queue import Claim, QueueKeys, ack, dead_letter_entry, release
+from analytics_sdk._queue import Claim, QueueKeys, dead_letter_entry
 from analytics_sdk._settings import Settings
 
 from . import _failpoints
@@ -46,7 +43,7 @@ from ._errors import (
     was_reported,
 )
 from ._held import held_at_once, held_before_bisecting, held_by_environment
-from ._leases import LeaseKeeper, keep_unfinished_ack, keep_unfinished_release, settle
+from ._leases import LeaseKeeper
 from .store import InsertResult, insert_events
 
 __all__ = ["BatchWriter", "DrainSummary"]
@@ -253,43 +250,11 @@ class BatchWriter:
         return InsertResult(left.inserted + right.inserted, left.duplicates + right.duplicates)
 
     async def release(self, claims: Sequence[Claim]) -> None:
-        """Give ``claims`` back for the next drain at once (their items stay in flight). Through a
-        Redis stall it keeps trying for a while, then leaves them to the next drain in this process."""
-        if not claims:
-            return
-        self.keeper.drop(claims)
-        try:
-            await settle("release", lambda: release(self.redis, self.keys, claims))
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            keep_unfinished_release(self.keys, claims)
-        except Exception as exc:  # e.g. a refused script: the leases expire on their own
-            logger.warning("could not release %s batch(es): %s", len(claims), exc)
+        """Give ``claims`` back for the next drain at once (their items stay in flight)."""
+        await self.keeper.release(claims)
 
     async def ack(self, claims: Sequence[Claim], dead: list[bytes], result: InsertResult) -> None:
-        by_batch = _dead_by_batch(claims, dead)
-        stats = {"inserted": result.inserted, "duplicates": result.duplicates}
-        self.keeper.drop(claims)  # acked leases need no renewal (and would look taken over)
-        try:
-            flags = await settle(
-                "ack", lambda: ack(self.redis, self.keys, claims, dead_letters=by_batch, stats=stats)
-            )
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            keep_unfinished_ack(self.keys, claims, by_batch, stats)
-            raise
-        ours = [c for c, flag in zip(claims, flags, strict=True) if flag]
-        if len(ours) < len(claims):
-            # Another drain took these over while we worked (we were paused past the lease): it owns
-            # them now and writes their dead letters; ours would be second copies. (Or an attempt of
-            # this very ack ran through a stall with its reply lost: then they are acked already.)
-            lost = [c.batch_id for c, flag in zip(claims, flags, strict=True) if not flag]
-            logger.warning(
-                "%s batch(es) were no longer this drain's when it acked them: another drain took them "
-                "over (their rows are in; the new owner acks them), or an earlier attempt of this ack "
-                "ran with its reply lost: %s",
-                len(lost),
-                ", ".join(lost[:5]),
-            )
-        written = [entry for c in ours for entry in by_batch.get(c.batch_id, ())]
+        ours, written = await self.keeper.ack(claims, dead, result.inserted, result.duplicates)
         summary = self.summary
         summary.claimed += sum(len(c.items) for c in ours)
         summary.inserted += result.inserted
@@ -303,18 +268,3 @@ class BatchWriter:
                 logger.warning("dead-lettered %s more event(s) to %s", len(written) - 3, self.keys.dead)
         if self.progress is not None:
             self.progress(dataclasses.replace(summary))
-
-
-def _dead_by_batch(claims: Sequence[Claim], dead: list[bytes]) -> dict[str, list[bytes]]:
-    """Which claim each dead letter came from (by its payload), so that each is written only with
-    its own batch's ack. Dead letters are rare: this runs on the slow path only."""
-    if not dead:
-        return {}
-    if len(claims) == 1:
-        return {claims[0].batch_id: dead}
-    origin = {raw.decode("utf-8", errors="backslashreplace"): c.batch_id for c in claims for raw in c.items}
-    by_batch: dict[str, list[bytes]] = {}
-    for entry in dead:
-        batch_id = origin.get(orjson.loads(entry)["payload"], claims[0].batch_id)
-        by_batch.setdefault(batch_id, []).append(entry)
-    return by_batch

@@ -53,8 +53,7 @@ from analytics_sdk._settings import Settings
 from . import _failpoints, _shutdown
 from ._leases import settle_unfinished
 from ._writer import BatchWriter, DrainSummary
-from .schema import asyncpg_dsn
-from .store import InsertResult
+from .store import InsertResult, close, connect
 
 __all__ = ["MAX_RECLAIMS", "DrainSummary", "drain"]
 
@@ -62,8 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: A lease taken over more often than this is split event by event (its workers keep dying).
 MAX_RECLAIMS = 3
-_CONNECT_TIMEOUT = 10.0
-_APPLICATION_NAME = "analytics-drain"
 
 
 class _Drain(BatchWriter):
@@ -223,13 +220,6 @@ class _Drain(BatchWriter):
         return claims, False
 
 
-async def _close(conn: asyncpg.Connection[Any]) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), 5)
-    except Exception:  # a broken connection cannot say goodbye: drop the socket
-        conn.terminate()
-
-
 async def drain(
     settings: Settings,
     *,
@@ -255,14 +245,7 @@ async def drain(
         leases = await expired_leases(redis, keys, settings.analytics_visibility_timeout)
         if leases or await redis.llen(keys.queue):
             # Connect only when there is work: an idle beat tick costs two Redis commands.
-            conn = await asyncpg.connect(
-                asyncpg_dsn(settings.database_url),
-                timeout=_CONNECT_TIMEOUT,
-                server_settings={"application_name": _APPLICATION_NAME},
-                # No statement may outlive our lease, even where no hard time limit kills the drain
-                # (the CLI's flush, a solo or threads pool): a timeout releases the batch instead.
-                command_timeout=max(30.0, settings.analytics_visibility_timeout / 3),
-            )
+            conn = await connect(settings)
             worker = _Drain(settings, redis, conn, started + budget, progress)
             worker.keeper.start()
             try:
@@ -288,7 +271,7 @@ async def drain(
     finally:
         try:
             if conn is not None:
-                await _close(conn)
+                await close(conn)
         finally:  # even when a cancellation interrupts the PostgreSQL goodbye
             await redis.aclose()
     # An idle beat tick is not news: INFO only when the drain moved something.

@@ -12,6 +12,7 @@ strings instead of running asyncpg's per-row inet/jsonb encoders.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 import weakref
@@ -22,14 +23,18 @@ import asyncpg
 import orjson
 
 from analytics_sdk._event import FIELDS, Event
+from analytics_sdk._settings import Settings
 
 from ._errors import is_connection_error, is_data_error
-from .schema import TABLE_NAME
+from .schema import TABLE_NAME, asyncpg_dsn
 
 __all__ = [
+    "APPLICATION_NAME",
     "COLUMNS",
     "STAGING_TABLE",
     "InsertResult",
+    "close",
+    "connect",
     "insert_events",
     "insert_copy_of_newest",
     "record",
@@ -40,6 +45,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STAGING_TABLE = "analytics_events_staging"
+#: How the drain's sessions show in pg_stat_activity (operators and the tests find them by it).
+APPLICATION_NAME = "analytics-drain"
+_CONNECT_TIMEOUT = 10.0
 COLUMNS = FIELDS  # the staging table and the INSERT list take the event's own field order
 _CASTS = {"event_metadata": "::jsonb", "ip_address": "::inet"}
 
@@ -67,6 +75,25 @@ _COPY_NEWEST = (
 
 # Connections whose staging table exists (created outside any transaction, so no rollback undoes it).
 _staged: weakref.WeakSet[asyncpg.Connection[Any]] = weakref.WeakSet()
+
+
+async def connect(settings: Settings) -> asyncpg.Connection[Any]:
+    """The drain's PostgreSQL session (one per drain, closed by :func:`close` in the same loop)."""
+    return await asyncpg.connect(
+        asyncpg_dsn(settings.database_url),
+        timeout=_CONNECT_TIMEOUT,
+        server_settings={"application_name": APPLICATION_NAME},
+        # No statement may hold a batch for ever, even where no hard time limit kills the drain (the
+        # CLI's flush, a solo or threads pool): a timeout releases the batch instead.
+        command_timeout=max(30.0, settings.analytics_visibility_timeout / 3),
+    )
+
+
+async def close(conn: asyncpg.Connection[Any]) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 5)
+    except Exception:  # a broken connection cannot say goodbye: drop the socket
+        conn.terminate()
 
 
 class InsertResult(NamedTuple):
