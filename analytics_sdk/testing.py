@@ -128,9 +128,32 @@ class RecordingClient(_Recorder):
         self._record([raw])
         return event_id
 
-    async def track_event(self, event_type: str, **fields: Any) -> str:
-        """The older service's name for :meth:`track`."""
-        return await self.track(event_type, **fields)
+    async def track_event(
+        self,
+        event_type: str,
+        user_id: str | int | None = None,
+        session_id: str | None = None,
+        entity_type: str | None = None,
+        entity_id: str | int | None = None,
+        event_metadata: Mapping[str, Any] | str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+        referrer: str | None = None,
+        created_at: datetime | str | None = None,
+    ) -> str:
+        """The older service's call, with its signature (positional too); same as :meth:`track`."""
+        return await self.track(
+            event_type,
+            user_id=user_id,
+            session_id=session_id,
+            entity_type=entity_type,
+            entity_id=entity_id,
+            event_metadata=event_metadata,
+            ip_address=ip_address,
+            user_agent=user_agent,
+            referrer=referrer,
+            created_at=created_at,
+        )
 
     async def track_many(self, events: Iterable[Mapping[str, Any] | Event]) -> list[str]:
         """Validate every event first (one bad event records none), then record all."""
