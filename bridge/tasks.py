@@ -1,5 +1,11 @@
 """``flush_analytics_events``: the Celery task, a sync shell around ``asyncio.run(drain(...))``.
 
+The body is defined once here, as the plain function :func:`flush`, and bound to a Celery app by
+:func:`bridge.install` with :data:`TASK_OPTIONS`: to the bridge's own app (``celery -A bridge worker``,
+see :mod:`bridge.celery_app`) or to an application's existing app (``bridge.install(app)``).
+``bridge.tasks.flush_analytics_events`` is the task as bound to the bridge's own app, built on first
+access, so importing this module neither reads the worker's configuration nor builds an app.
+
 Each run makes a fresh event loop and :func:`bridge.drain.drain` makes and closes its own Redis
 client and PostgreSQL connection inside it, so nothing async outlives a run or crosses the fork.
 
@@ -7,25 +13,21 @@ Retries: only connection-class and transient errors (Redis or PostgreSQL unreach
 out, a lock timeout; see :mod:`bridge._errors`) are retried, at most 3 times with exponential backoff
 and jitter. An environment error (read-only or full database, table missing, wrong credentials) is
 not: it is logged as one ERROR line with what to do, the task ends with ``HeldByEnvironment`` (logged
-by Celery at INFO, no traceback) and the next beat tick tries again. The soft and hard time limits come
-from the app's configuration (``task_soft_time_limit``/``task_time_limit``, set from the settings,
-which the stubs type as int while Celery takes fractions of a second). A data error never reaches this
-level: the drain dead-letters the rows it can never insert and commits the rest.
+by Celery at INFO, no traceback) and the next beat tick tries again. The soft and hard time limits are
+the task's own (set by :func:`bridge.install` from the settings), so they hold in an app whose own
+limits differ. A data error never reaches this level: the drain dead-letters the rows it can never
+insert and commits the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
-
-from celery import Task
-from celery.signals import worker_shutting_down
+from typing import TYPE_CHECKING, Any
 
 from analytics_sdk._sender import FLUSH_EXPIRES, FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings
 
-from . import _shutdown
 from ._errors import (
     CONNECTION_ERRORS,
     ConnectionLostError,
@@ -36,21 +38,41 @@ from ._errors import (
     sqlstate_of,
     was_reported,
 )
-from .celery_app import app
 from .drain import drain
 
-__all__ = ["flush_analytics_events"]
+if TYPE_CHECKING:
+    from celery import Task
+
+    flush_analytics_events: Task[Any, Any]
+
+__all__ = ["TASK_OPTIONS", "flush", "flush_analytics_events"]
 
 logger = logging.getLogger(__name__)
 
-# The stop flag is made here, at import, in the worker's main process: before the prefork pool forks,
-# so every pool process shares it (see bridge._shutdown). A warm shutdown raises it.
-_shutdown.arm()
-
-
-@worker_shutting_down.connect
-def _stop_drains(**_: Any) -> None:
-    _shutdown.request_stop()
+#: How the task is registered on any app (time limits are added per app from the settings). The
+#: queue is not here: it comes from the app's task_routes (Celery 5.7 deprecates the task's own
+#: queue attribute), which :func:`bridge.install` extends.
+TASK_OPTIONS: dict[str, Any] = {
+    "name": FLUSH_TASK,
+    "bind": True,
+    # JSON whatever the app's own task_serializer: nothing of ours is ever pickled.
+    "serializer": "json",
+    # The events live in Redis under their own claim/ack protocol; the task message only says "drain
+    # now". A late ack keeps a killed worker's task from vanishing with a long queue behind it; a
+    # lost task is not re-queued (beat sends another), so a poison batch that kills its worker does
+    # not turn into a redelivery loop of the task itself.
+    "acks_late": True,
+    "reject_on_worker_lost": False,
+    "ignore_result": True,
+    "autoretry_for": CONNECTION_ERRORS,
+    "max_retries": 3,
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    # An environment error is expected operation (the events wait in flight, the ERROR line says what
+    # to do): Celery logs it at INFO without a traceback instead of 30 lines every beat tick.
+    "throws": (HeldByEnvironment,),
+}
 
 
 def _report(exc: Exception) -> None:
@@ -61,21 +83,7 @@ def _report(exc: Exception) -> None:
         logger.error("drain held its events in flight, none dead-lettered: %s", advice(exc))
 
 
-# The queue comes from the app's task_routes (Celery 5.7 deprecates the task's own queue attribute).
-@app.task(
-    name=FLUSH_TASK,
-    bind=True,
-    acks_late=True,
-    autoretry_for=CONNECTION_ERRORS,
-    max_retries=3,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    # An environment error is expected operation (the events wait in flight, the ERROR line says what
-    # to do): Celery logs it at INFO without a traceback instead of 30 lines every beat tick.
-    throws=(HeldByEnvironment,),
-)
-def flush_analytics_events(self: Task[Any, Any], time_budget: float | None = None) -> dict[str, Any]:
+def flush(self: Task[Any, Any], time_budget: float | None = None) -> dict[str, Any]:
     """Drain the queue; return the summary (claimed, inserted, duplicates, dead_lettered, reclaimed,
     batches, seconds, backlog). When the time budget ran out with events still queued, send itself
     again so the backlog keeps moving without waiting for the next beat."""
@@ -101,3 +109,11 @@ def flush_analytics_events(self: Task[Any, Any], time_budget: float | None = Non
         except Exception as exc:  # the events are safe in Redis; beat will come back for them
             logger.warning("could not re-send %s (%s); beat will continue the drain", FLUSH_TASK, exc)
     return summary.as_dict()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "flush_analytics_events":
+        from .celery_app import flush_analytics_events
+
+        return flush_analytics_events
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

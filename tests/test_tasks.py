@@ -64,7 +64,8 @@ def test_app_configuration() -> None:
     assert conf.task_serializer == "json" and conf.result_serializer == "json"
     assert list(conf.accept_content) == ["json"]
     assert conf.task_default_queue == "analytics"
-    assert conf.task_routes == {"flush_analytics_events": {"queue": "analytics"}}
+    # the route bridge.install adds: the queue, and JSON for a message sent by name
+    assert conf.task_routes == {"flush_analytics_events": {"queue": "analytics", "serializer": "json"}}
     assert conf.worker_prefetch_multiplier == 1 and conf.task_acks_late is True
     settings = Settings.from_env()
     assert conf.task_time_limit == settings.analytics_task_time_limit
@@ -79,7 +80,11 @@ def test_task_registration_and_retry_policy() -> None:
     task = app.tasks["flush_analytics_events"]
     assert task.name == flush_analytics_events.name == "flush_analytics_events"
     assert app.amqp.router.route({}, task.name)["queue"].name == "analytics"
-    assert task.acks_late is True
+    assert task.acks_late is True and task.reject_on_worker_lost is False
+    assert task.serializer == "json" and task.ignore_result is True
+    settings = Settings.from_env()
+    assert task.time_limit == settings.analytics_task_time_limit
+    assert task.soft_time_limit == settings.analytics_task_soft_time_limit
     assert task.max_retries == 3 and task.retry_backoff and task.retry_jitter
     assert tuple(task.autoretry_for) == CONNECTION_ERRORS
     # data errors are never retried: none of them is a connection-class type
