@@ -54,3 +54,18 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[bridge]", *_group("bench"))
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs.yml, docs/), API reference from the docstrings; warnings fail.
+
+    ``nox -s docs`` builds into site/; ``nox -s docs -- serve`` previews it on http://127.0.0.1:8000.
+    """
+    # Not the package: mkdocstrings reads the source under the repo root statically (mkdocs.yml paths).
+    session.install(*_group("docs"))
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about its successor, every build
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)
