@@ -274,8 +274,9 @@ def test_docs_configuration_table_lists_every_setting_with_its_default() -> None
 def test_docs_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
     db_settings: Settings, tmp_path: Path
 ) -> None:
-    """Run the two ACL SETUSER lines of docs/operations.md on a throwaway server and drive every path through them;
-    Redis's ACL LOG must stay empty (a denied command anywhere, even in a background task, shows there)."""
+    """Run the two ACL SETUSER lines of docs/operations.md on a throwaway server and drive every path
+    through them; Redis's ACL LOG must stay empty (a denied command anywhere, even in a background
+    task, shows there)."""
     import asyncio
 
     from click.testing import CliRunner
@@ -297,7 +298,7 @@ def test_docs_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
             base = f"127.0.0.1:{server.port}/0"
             app = Settings(
                 redis_url=f"redis://analytics-app:pw@{base}",
-                broker_url=server.url,  # Celery gets its own (here: the default) user, as docs/operations.md says
+                broker_url=server.url,  # Celery gets its own (here: the default) user, as the docs say
                 analytics_max_queue_size=5,
                 analytics_batch_size=2,
             )
