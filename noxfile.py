@@ -47,7 +47,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Side-by-side benchmarks (README "Benchmarks"): prints the table, writes bench-results.json.
+    """Side-by-side benchmarks (docs/benchmarks.md): prints the table, writes bench-results.json.
 
     ``nox -s bench`` is the full run; ``nox -s bench -- --quick`` the CI-sized one (under 2 minutes);
     other options: ``nox -s bench -- --help``.
