@@ -47,10 +47,25 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Side-by-side benchmarks (README "Benchmarks"): prints the table, writes bench-results.json.
+    """Side-by-side benchmarks (docs/benchmarks.md): prints the table, writes bench-results.json.
 
     ``nox -s bench`` is the full run; ``nox -s bench -- --quick`` the CI-sized one (under 2 minutes);
     other options: ``nox -s bench -- --help``.
     """
     session.install("-e", ".[bridge]", *_group("bench"))
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs.yml, docs/), API reference from the docstrings; warnings fail.
+
+    ``nox -s docs`` builds into site/; ``nox -s docs -- serve`` previews it on http://127.0.0.1:8000.
+    """
+    # Not the package: mkdocstrings reads the source under the repo root statically (mkdocs.yml paths).
+    session.install(*_group("docs"))
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about its successor, every build
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)

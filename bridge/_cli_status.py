@@ -63,7 +63,9 @@ def _redis_error(exc: RedisError | OSError, settings: Settings) -> tuple[str, st
     if isinstance(exc, AuthenticationError):
         return "auth", "check the user and password in ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_PASSWORD)"
     if isinstance(exc, AuthorizationError | NoPermissionError):
-        return "refused", "the Redis user lacks a command or key status reads: see the README's ACL lines"
+        return "refused", (
+            "the Redis user lacks a command or key status reads: see the ACL lines in docs/operations.md"
+        )
     if isinstance(exc, OSError | RedisConnectionError | RedisTimeoutError):
         return "unreachable", redis_start_hint(settings)
     return "refused", "see the Redis server's log"

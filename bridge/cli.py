@@ -1,15 +1,16 @@
 """`analytics-bridge` (also `python -m bridge`): operator commands for the queue and the table.
 
     analytics-bridge migrate                       create the database (if missing), table and indexes
-    analytics-bridge status [--json]               queue, in-flight batches, dead letters, last flush, rows
+    analytics-bridge status [--json] [--check]     queue, in-flight batches, dead letters, last flush, rows
     analytics-bridge flush [--json]                drain now, inline, with the code the Celery task runs
     analytics-bridge dead-letters list|replay|purge
     analytics-bridge demo                          the end-to-end demo (`nox -s demo`)
 
 Configuration comes from the same ``ANALYTICS_*`` variables as the SDK and the worker. Logs go to
 stderr, results to stdout, so ``--json`` output can be piped. Exit codes: 0 done, 1 the operation
-failed (e.g. a read-only database: the events wait in flight), 2 bad configuration (a setting, the
-credentials, a missing database or table: run ``migrate``; Redis < 7.0) or a service unreachable.
+failed (e.g. a read-only database: the events wait in flight) or ``status --check`` found the queue
+stuck, 2 bad configuration (a setting, the credentials, a missing database or table: run ``migrate``;
+Redis < 7.0) or a service unreachable.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings, redact_url
 
 from . import _cli_dead, _cli_errors, _cli_status
+from ._cli_check import stuck_reasons
 
 __all__ = ["main"]
 
@@ -59,7 +61,7 @@ def _echo_json(data: object) -> None:
 def main(ctx: click.Context, log_level: str) -> None:
     """Operate the analytics bridge: the Redis queue, the drain and the events table.
 
-    Configured by the ANALYTICS_* environment variables (see the README).
+    Configured by the ANALYTICS_* environment variables (docs/configuration.md).
     """
     logging.basicConfig(
         level=log_level.upper(),
@@ -86,22 +88,32 @@ def migrate(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--check", is_flag=True, help="Exit 1 when the queue is stuck (for probes and cron alerts).")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, check: bool) -> None:
     """Queue depth and age, in-flight batches, dead letters, drops, last flush, rows.
 
     Exits 2 when Redis or PostgreSQL is unreachable, refuses the credentials, or the database is
     missing or not migrated (the figures of the reachable one are still shown, with what to do);
-    warnings alone exit 0.
+    warnings alone exit 0. With --check it exits 1 when the queue is stuck: events or batches wait
+    and no drain has finished or held a fresh lease within 3 flush intervals (dead letters, drops and
+    a full queue do not count: alert on those with the metrics).
     """
     settings = _settings(ctx)
     result = _run(_cli_status.collect_status(settings), settings)
+    failed = _cli_status.status_failed(result)
+    stuck = stuck_reasons(result) if check and "queue" in result else []
     if as_json:
-        _echo_json({**result, "warnings": _cli_status.warnings_for(result)})
+        extra = {"stuck": stuck} if check else {}
+        _echo_json({**result, "warnings": _cli_status.warnings_for(result), **extra})
     else:
         click.echo(_cli_status.render_status(result))
-    if _cli_status.status_failed(result):
+        for reason in stuck:
+            click.echo(f"STUCK: {reason}")
+    if failed:
         ctx.exit(2)
+    if stuck:
+        ctx.exit(1)
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Verify a deployment end to end: track events, ask the worker to flush, see the rows in PostgreSQL.
 
-    python examples/verify_setup.py            # needs the bridge extra: pip install 'analytics-sdk[bridge]'
+    python examples/verify_setup.py    # needs the bridge extra: pip install 'durable-analytics[bridge]'
 
 Needs Redis, PostgreSQL (migrated: ``analytics-bridge migrate``) and a running worker
 (``celery -A bridge worker -B -Q analytics``) configured with the same ``ANALYTICS_*`` variables as

@@ -241,21 +241,23 @@ def test_verify_setup_sees_rows_with_a_real_worker(db_settings: Settings, tmp_pa
     assert proc.stdout.count(" row ") == 5
 
 
-# -- the README stays true --------------------------------------------------------------------------
+# -- the documentation stays true -------------------------------------------------------------------
 
-README = (ROOT / "README.md").read_text()
+# The reference moved from the README into the docs site (docs/, `nox -s docs`).
+CONFIGURATION_PAGE = (ROOT / "docs" / "configuration.md").read_text()
+OPERATIONS_PAGE = (ROOT / "docs" / "operations.md").read_text()
 
 
-def test_readme_configuration_table_lists_every_setting_with_its_default() -> None:
+def test_docs_configuration_table_lists_every_setting_with_its_default() -> None:
     import dataclasses
 
     from analytics_sdk._settings import env_name
 
-    rows = dict(re.findall(r"^\| `(ANALYTICS_[A-Z_]+)` \| ([^|]+) \|", README, re.MULTILINE))
+    rows = dict(re.findall(r"^\| `(ANALYTICS_[A-Z_]+)` \| ([^|]+) \|", CONFIGURATION_PAGE, re.MULTILINE))
     defaults = Settings()
     for f in dataclasses.fields(Settings):
         name = env_name(f.name)
-        assert name in rows, f"{name} is missing from the README's configuration table"
+        assert name in rows, f"{name} is missing from the configuration table of docs/configuration.md"
         shown = rows[name].strip().strip("`")
         value = getattr(defaults, f.name)
         if value is None:
@@ -269,11 +271,12 @@ def test_readme_configuration_table_lists_every_setting_with_its_default() -> No
     assert set(rows) == {env_name(f.name) for f in dataclasses.fields(Settings)}
 
 
-def test_readme_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
+def test_docs_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
     db_settings: Settings, tmp_path: Path
 ) -> None:
-    """Run the README's two ACL SETUSER lines on a throwaway server and drive every path through them;
-    Redis's ACL LOG must stay empty (a denied command anywhere, even in a background task, shows there)."""
+    """Run the two ACL SETUSER lines of docs/operations.md on a throwaway server and drive every path
+    through them; Redis's ACL LOG must stay empty (a denied command anywhere, even in a background
+    task, shows there)."""
     import asyncio
 
     from click.testing import CliRunner
@@ -285,7 +288,7 @@ def test_readme_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
     from tests.conftest import run_blocking
     from tests.servers import start_redis
 
-    lines = re.findall(r"^ACL SETUSER .+$", README, re.MULTILINE)
+    lines = re.findall(r"^ACL SETUSER .+$", OPERATIONS_PAGE, re.MULTILINE)
     assert [line.split()[2] for line in lines] == ["analytics-app", "analytics-bridge"]
     server = start_redis(tmp_path)
     try:
@@ -295,7 +298,7 @@ def test_readme_acl_lines_are_enough_for_the_sdk_the_drain_and_the_cli(
             base = f"127.0.0.1:{server.port}/0"
             app = Settings(
                 redis_url=f"redis://analytics-app:pw@{base}",
-                broker_url=server.url,  # Celery gets its own (here: the default) user, as the README says
+                broker_url=server.url,  # Celery gets its own (here: the default) user, as the docs say
                 analytics_max_queue_size=5,
                 analytics_batch_size=2,
             )
