@@ -25,7 +25,9 @@ The client: an :class:`~analytics_sdk.AnalyticsClient` made on the server's even
 starts (or at the first request if the server sends no lifespan), closed when the lifespan shuts down.
 An application that does not speak the lifespan protocol (Django) gets it answered by the middleware.
 ``client=`` uses one of yours instead (a :class:`~analytics_sdk.testing.RecordingClient` in tests),
-which the middleware never closes.
+which the middleware never closes. Endpoints find the client in ``scope["state"]["analytics"]``
+(Starlette/FastAPI: ``request.state.analytics``), for events of their own and for a readiness probe
+(``await request.state.analytics.ping()``).
 
 A tracking failure (Redis down, a field the hook got wrong, a bug in the hook) never changes the
 response: it is logged as a WARNING, at most one per 10 seconds, counting the requests missed.
@@ -46,7 +48,7 @@ from ._proxies import ForwardedHeader, Network
 from ._settings import Settings
 from ._tracking import DEFAULT_EVENT_TYPE, FailureLog, RequestFacts, Tracking, now_utc
 
-__all__ = ["AnalyticsMiddleware", "Hook"]
+__all__ = ["STATE_KEY", "AnalyticsMiddleware", "Hook"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: ``hook(scope)`` -> fields to add to the event (or None); may be a coroutine function.
 Hook = Callable[[Scope], Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None]
 
+#: Where endpoints find the client: ``scope["state"]["analytics"]``, Starlette's ``request.state.analytics``.
+STATE_KEY = "analytics"
 _FINAL = ("http.response.pathsend", "http.response.zerocopysend")  # extensions that end a response too
 
 
@@ -127,6 +131,11 @@ class AnalyticsMiddleware:
             client = self._clients[loop] = AnalyticsClient(self._settings)
         return client
 
+    async def aclose(self) -> None:
+        """Close the client this loop's requests used (a server without lifespan, a test); the
+        lifespan shutdown does this by itself. Idempotent; a client given with ``client=`` stays open."""
+        await self._close()
+
     async def _close(self) -> None:
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
@@ -140,7 +149,9 @@ class AnalyticsMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 startup_received = True
-                await self._client()  # made here, on the server's loop, before the app starts serving
+                client = await self._client()  # made here, on the server's loop, before serving
+                if isinstance(scope.get("state"), dict):  # lifespan state: copied into every request
+                    scope["state"][STATE_KEY] = client
             return message
 
         async def send_(message: Message) -> None:
@@ -179,6 +190,7 @@ class AnalyticsMiddleware:
             await self.app(scope, receive, send)
             return
         started_at, start = now_utc(), time.perf_counter()
+        scope.setdefault("state", {})[STATE_KEY] = await self._client()
         status: int | None = None
         ended: float | None = None
 
