@@ -28,7 +28,9 @@ NETS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
         (None, [], None),
     ],
 )
-def test_x_forwarded_for_is_read_right_to_left(peer: str | None, headers: list[str], expected: str | None) -> None:
+def test_x_forwarded_for_is_read_right_to_left(
+    peer: str | None, headers: list[str], expected: str | None
+) -> None:
     assert client_ip(peer, forwarded_hops(headers), NETS) == expected
 
 
