@@ -144,6 +144,9 @@ def test_redis_stopped_serves_every_page_with_one_warning(
     try:
         with serve(middleware) as http:
             assert http.get("/").status_code == 200
+            queue = QueueKeys(settings.analytics_key_prefix).queue
+            with server.client() as direct:  # tracked after the response: wait until it is in Redis
+                wait_for_sync(lambda: direct.llen(queue) == 1, timeout=10, message="the first event")
             server.stop()
             for attempt in range(5):
                 started = time.monotonic()
