@@ -186,11 +186,11 @@ class AnalyticsMiddleware:
     # -- one request ------------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started_at, start = now_utc(), time.perf_counter()
+        scope.setdefault("state", {})[STATE_KEY] = await self._client()  # skipped paths too: probes
         if self._tracking.skips(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        started_at, start = now_utc(), time.perf_counter()
-        scope.setdefault("state", {})[STATE_KEY] = await self._client()
         status: int | None = None
         ended: float | None = None
 

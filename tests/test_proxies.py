@@ -60,5 +60,5 @@ def test_parse_networks() -> None:
     assert parse_networks("") == ()
     with pytest.raises(ConfigurationError, match=r"trusted_proxies='10\.0\.0\.5/8': is not an IP network"):
         parse_networks("10.0.0.5/8")
-    with pytest.raises(ConfigurationError, match="trusted_proxies='proxy.internal'"):
+    with pytest.raises(ConfigurationError, match=r"trusted_proxies='proxy\.internal'"):
         parse_networks(["proxy.internal"])
