@@ -9,6 +9,9 @@ makes each push (one script) atomic. The client keeps the public API, its lifecy
 Reads coalesce the same way (:mod:`._reads`), so one client needs a handful of connections at most:
 its pool is capped at ``MAX_CONNECTIONS`` and a caller waits for a free one (within its deadline)
 instead of failing. Once Redis is known down, calls fail at once (:mod:`._breaker`).
+
+With ``ANALYTICS_ENABLED=false`` (:mod:`._disabled`) the client validates and returns event ids and
+never connects. :meth:`AnalyticsClient.ping` answers readiness probes without ever raising for Redis.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -26,13 +28,17 @@ import anyio.to_thread
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._backlog import AfterPush
 from ._batcher import GroupCommit
 from ._breaker import Breaker
+from ._disabled import client_enabled
 from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
-from ._queue import PushResult
 from ._reads import SizeReader
 from ._sender import TaskSender
 from ._settings import Settings, redact_url
@@ -41,7 +47,6 @@ __all__ = ["MAX_CONNECTIONS", "AnalyticsClient"]
 
 logger = logging.getLogger(__name__)
 
-_DROP_LOG_EVERY = 10.0  # seconds between warnings about events dropped by the cap
 #: Connections one client may open: one push and one LLEN at a time, the breaker's PING, the backlog
 #: trigger's SET; the rest is headroom. redis-py 8's own default (100, then MaxConnectionsError at
 #: once) is replaced by a blocking pool: past the cap a command waits for a connection.
@@ -57,6 +62,8 @@ class AnalyticsClient:
 
     One client belongs to one event loop. A ``redis.asyncio.Redis`` passed in is used as is and not
     closed by :meth:`aclose`; otherwise the client makes its own on first use, inside the loop.
+    ``ANALYTICS_ENABLED=false`` in the environment (or ``Settings(analytics_enabled=False)``) makes a
+    client that validates and returns ids but sends nothing; it is read here, for every client.
     """
 
     def __init__(self, settings: Settings | None = None, *, redis: aioredis.Redis | None = None) -> None:
@@ -73,12 +80,11 @@ class AnalyticsClient:
         self._breaker = Breaker(
             redact_url(self.settings.redis_dsn) or "", self.settings.analytics_publish_timeout
         )
+        self._after_push = AfterPush(self.settings, self.keys, self._sender, logger)
+        self._background = self._after_push.background
         self._batcher = GroupCommit(self.settings, self.keys, self._after_push, self._breaker)
         self._sizes = SizeReader(self.keys, self._breaker, self.settings.analytics_publish_timeout)
-        self._background: set[asyncio.Task[Any]] = set()
-        self._trigger_after = 0.0  # monotonic time before which no backlog flush is attempted
-        self._dropped_unlogged = 0
-        self._drop_logged_at = 0.0
+        self._enabled = client_enabled(self.settings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -107,7 +113,10 @@ class AnalyticsClient:
         """
         fields["event_type"] = event_type
         event_id, raw = encode_fields(fields, max_metadata_bytes=self._metadata_limit)
-        await self._enqueue([raw], len(raw))
+        if self._enabled:
+            await self._enqueue([raw], len(raw))
+        else:
+            self._check_open()
         return event_id
 
     async def track_event(
@@ -145,24 +154,57 @@ class AnalyticsClient:
             (e.event_id, e.encode()) if isinstance(e, Event) else encode_fields(e, max_metadata_bytes=limit)
             for e in events
         ]
-        if encoded:
+        if encoded and self._enabled:
             await self._enqueue([raw for _, raw in encoded])
         return [event_id for event_id, _ in encoded]
 
     async def get_queue_size(self) -> int:
-        """Events waiting in the Redis queue (not counting batches a drain has claimed).
+        """Events waiting in the Redis queue (not counting batches a drain has claimed); 0 if disabled.
 
         Concurrent callers share one LLEN (see :mod:`._reads`), bounded by the publish timeout.
         """
+        if not self._enabled:
+            self._check_open()
+            return 0
         return await self._sizes.read(self._get_redis())
 
-    async def flush_events_now(self) -> str:
-        """Ask a bridge worker to drain the queue now; returns the Celery task id."""
+    async def flush_events_now(self) -> str | None:
+        """Ask a bridge worker to drain the queue now; returns the Celery task id, or ``None`` when the
+        client is disabled (no task was sent: there is nothing to drain)."""
         self._check_open()
+        if not self._enabled:
+            return None
         try:
             return await anyio.to_thread.run_sync(self._sender.send)
         except Exception as exc:
             raise PublishError(f"could not send the flush task to the broker: {exc}") from exc
+
+    async def ping(self) -> bool:
+        """For readiness probes: True if Redis answered a PING within ``ANALYTICS_PUBLISH_TIMEOUT``.
+
+        Never raises for Redis being down, slow or refusing: False. While the breaker is open (Redis
+        known down) it answers False at once, without waiting; a PING that times out or cannot
+        connect opens the breaker, as a failed ``track()`` would. A disabled client answers True
+        without connecting: it is ready to take events. Raises only :class:`ClientClosedError` (and
+        the other-loop :class:`AnalyticsError`), which are bugs in the caller, not Redis's state.
+        """
+        self._check_open()
+        if not self._enabled:
+            return True
+        client = self._get_redis()
+        if self._breaker.is_open:
+            return False
+        try:
+            async with asyncio.timeout(self.settings.analytics_publish_timeout):
+                await client.ping()
+        except AuthenticationError:  # up, but refusing us: not ready, and nothing to fail fast on
+            return False
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # OSError: the bound above
+            self._breaker.trip(client, exc)
+            return False
+        except RedisError:  # an answer (ACL denial, LOADING): Redis is up but cannot serve us
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Wait for events already handed to the client, then release its connections. Idempotent.
@@ -183,17 +225,14 @@ class AnalyticsClient:
         if dead or self._pid != os.getpid():
             self._batcher.forget()
             self._breaker.forget()
-            self._background.clear()
+            self._after_push.forget()
             self._sizes.forget()
         else:
             await self._batcher.wait_idle()
             await self._breaker.stop()
-            for task in list(self._background):
-                task.cancel()
-            if self._background:
-                await asyncio.wait(self._background)
+            await self._after_push.stop()
             await self._sizes.wait_idle()
-        self._report_dropped()  # a short-lived process must not take the rest of the count with it
+        self._after_push.report_dropped()  # a short-lived process must not take the rest of the count with it
         self._sender.close()
         if self._owns_redis and self._redis is not None and self._pid == os.getpid() and not dead:
             await self._redis.aclose()
@@ -253,44 +292,3 @@ class AnalyticsClient:
         if self._breaker.is_open:  # Redis is known down: fail now, not after the publish timeout
             raise self._breaker.error()
         await self._batcher.submit(loop, client, payloads, size)
-
-    def _after_push(self, client: aioredis.Redis, result: PushResult) -> None:
-        """After every acknowledged push (called by the group commit): drops, the backlog trigger."""
-        settings = self.settings
-        if result.dropped:
-            self._note_dropped(result.dropped)
-        if settings.analytics_backlog_trigger and result.length >= settings.analytics_batch_size:
-            now = time.monotonic()
-            if now >= self._trigger_after:
-                self._trigger_after = now + settings.analytics_backlog_trigger_cooldown
-                task = asyncio.get_running_loop().create_task(self._trigger_flush(client))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    def _note_dropped(self, count: int) -> None:
-        # Rate-limited: a queue at its cap drops on every push; the exact total is in the counter.
-        self._dropped_unlogged += count
-        now = time.monotonic()
-        if now - self._drop_logged_at >= _DROP_LOG_EVERY:
-            self._report_dropped()
-            self._drop_logged_at = now
-
-    def _report_dropped(self) -> None:
-        """Log the drops not reported yet (also at close, so that the warnings add up to the total)."""
-        if self._dropped_unlogged:
-            logger.warning(
-                "queue %s is at its cap of %s: dropped the %s oldest event(s) since the last warning",
-                self.keys.queue,
-                self.settings.analytics_max_queue_size,
-                self._dropped_unlogged,
-            )
-            self._dropped_unlogged = 0
-
-    async def _trigger_flush(self, client: aioredis.Redis) -> None:
-        cooldown_ms = int(self.settings.analytics_backlog_trigger_cooldown * 1000)
-        try:
-            if await client.set(self.keys.flush_cooldown, b"1", nx=True, px=cooldown_ms):
-                task_id = await anyio.to_thread.run_sync(self._sender.send)
-                logger.debug("backlog: sent flush task %s", task_id)
-        except Exception as exc:  # the events are safe in Redis; beat will flush them
-            logger.warning("could not send a backlog flush (beat will drain instead): %s", exc)

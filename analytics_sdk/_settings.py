@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Settings", "env_name", "redact_url"]
+__all__ = ["Settings", "env_name", "parse_env", "redact_url"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -98,6 +98,10 @@ class Settings:
     #: The most one track() (or get_queue_size()) waits, in seconds, across all its retries: then it
     #: raises PublishError, and while Redis stays down later calls raise at once (the breaker).
     analytics_publish_timeout: float = 2.0
+    #: False: clients validate events and return their ids without sending or connecting (local
+    #: development without Redis). ``ANALYTICS_ENABLED=false`` in the environment switches off every
+    #: client of the process, whatever Settings it was made with (see :mod:`._disabled`).
+    analytics_enabled: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -224,6 +228,11 @@ def _parse_type(annotation: object) -> type:
         if text.startswith(name):
             return kind
     raise TypeError(f"unsupported settings type {annotation!r}")
+
+
+def parse_env(variable: str, raw: str, kind: type) -> object:
+    """``raw`` (the text of ``variable``) as ``kind``, as :meth:`Settings.from_env` reads it."""
+    return _convert(variable, raw, kind, secret=False)
 
 
 def _convert(variable: str, raw: str, kind: type, *, secret: bool) -> object:

@@ -7,7 +7,9 @@ threads calling ``track()`` cost far fewer round trips than eight pipelines. Eac
 on its own future until Redis has acknowledged its event. Validation and encoding run in the calling
 thread, so a bad event raises there without touching the loop. The rarer calls (queue size, flush,
 close) go through an anyio blocking portal. After ``os.fork()`` the child starts its own loop thread
-and connections on first use; it never touches the parent's.
+and connections on first use; it never touches the parent's. A disabled client
+(``ANALYTICS_ENABLED=false``, :mod:`._disabled`) validates and returns ids and starts nothing: no
+thread, no loop, no connection.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from anyio.from_thread import BlockingPortal
 
 from ._batcher import GroupCommit
 from ._client import AnalyticsClient
+from ._disabled import client_enabled
 from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._settings import Settings, redact_url
@@ -91,6 +94,7 @@ class SyncAnalyticsClient:
         # loop thread that died or hangs, never the normal way out: the loop itself answers every
         # event within its publish timeout (the deadline each event carries from its hand-over).
         self._wait_limit = 2 * self.settings.analytics_publish_timeout + 10.0
+        self._enabled = client_enabled(self.settings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -165,7 +169,10 @@ class SyncAnalyticsClient:
         """Validate and push one event; returns its event_id once Redis acknowledged it."""
         fields["event_type"] = event_type
         event_id, raw = self._encode(fields)
-        self._push([raw], len(raw))
+        if self._enabled:
+            self._push([raw], len(raw))
+        elif self._closed:
+            raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
         return event_id
 
     def track_event(
@@ -200,15 +207,36 @@ class SyncAnalyticsClient:
         if self._closed:  # also for an empty list, as the async client does
             raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
         encoded = [(e.event_id, e.encode()) if isinstance(e, Event) else self._encode(e) for e in events]
-        if encoded:
+        if encoded and self._enabled:
             self._push([raw for _, raw in encoded])
         return [event_id for event_id, _ in encoded]
 
     def get_queue_size(self) -> int:
+        """Events waiting in the Redis queue; 0 if disabled."""
+        if not self._enabled:
+            self._check_open()
+            return 0
         return self._call(self._get().client.get_queue_size)
 
-    def flush_events_now(self) -> str:
+    def flush_events_now(self) -> str | None:
+        """Ask a bridge worker to drain the queue now: the Celery task id, or ``None`` if disabled."""
+        if not self._enabled:
+            self._check_open()
+            return None
         return self._call(self._get().client.flush_events_now)
+
+    def ping(self) -> bool:
+        """For readiness probes: True if Redis answered a PING within ``ANALYTICS_PUBLISH_TIMEOUT``;
+        False (never an exception) when it is down, hung or refusing, at once while the breaker is
+        open. True without connecting when disabled. See :meth:`AnalyticsClient.ping`."""
+        if not self._enabled:
+            self._check_open()
+            return True
+        return self._call(self._get().client.ping)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
 
     def close(self) -> None:
         """Finish what was handed over, close connections and stop the loop thread. Idempotent."""

@@ -11,7 +11,8 @@ decoded from the exact bytes the real client would have queued (ids filled in, `
 ``"42"``, metadata given as a JSON string parsed, ``created_at`` an aware UTC datetime), in the order
 ``track()`` returned. Events rejected by validation are not recorded; ``track_many`` with one bad event
 records none, as the real one pushes none. ``get_queue_size()`` counts the recorded events (nothing
-drains them) and ``flush_events_now()`` counts its calls in ``.flush_requests``.
+drains them), ``flush_events_now()`` counts its calls in ``.flush_requests`` and ``ping()`` answers
+True (counted in ``.pings``). ``ANALYTICS_ENABLED`` does not apply: a recorder always records.
 
 ::
 
@@ -57,6 +58,8 @@ class _Recorder:
         self.events: list[Event] = []
         #: How many times flush_events_now() was called.
         self.flush_requests = 0
+        #: How many times ping() was called (a readiness probe under test).
+        self.pings = 0
         self._closed = False
         # Threads may track at once (the sync client is thread-safe): a track_many stays contiguous.
         self._lock = threading.Lock()
@@ -73,7 +76,7 @@ class _Recorder:
         """Forget the recorded events and flush requests (the client stays open)."""
         with self._lock:
             self.events.clear()
-            self.flush_requests = 0
+            self.flush_requests = self.pings = 0
 
     def _encode(self, fields: Mapping[str, Any]) -> tuple[str, bytes]:
         # The real clients' own hot path: same checks, same order, so the same first ValidationError.
@@ -87,6 +90,10 @@ class _Recorder:
         decoded = [decode(raw, max_metadata_bytes=limit) for raw in payloads]
         with self._lock:
             self.events.extend(decoded)
+
+    def _count_ping(self) -> None:
+        with self._lock:
+            self.pings += 1
 
     def _new_task_id(self) -> str:
         with self._lock:
@@ -167,10 +174,16 @@ class RecordingClient(_Recorder):
         self._check_open()
         return len(self.events)
 
-    async def flush_events_now(self) -> str:
+    async def flush_events_now(self) -> str | None:
         """Count the request in ``flush_requests``; returns a made-up task id."""
         self._check_open()
         return self._new_task_id()
+
+    async def ping(self) -> bool:
+        """True: a recorder is always ready (nothing to reach). Counted in ``pings``."""
+        self._check_open()
+        self._count_ping()
+        return True
 
     async def aclose(self) -> None:
         """Close (idempotent); the record stays readable."""
@@ -257,10 +270,16 @@ class RecordingSyncClient(_Recorder):
         self._check_open()
         return len(self.events)
 
-    def flush_events_now(self) -> str:
+    def flush_events_now(self) -> str | None:
         """Count the request in ``flush_requests``; returns a made-up task id."""
         self._check_open()
         return self._new_task_id()
+
+    def ping(self) -> bool:
+        """True: a recorder is always ready (nothing to reach). Counted in ``pings``."""
+        self._check_open()
+        self._count_ping()
+        return True
 
     def close(self) -> None:
         """Close (idempotent); the record stays readable."""

@@ -44,7 +44,8 @@ def test_everything_in_all_is_importable() -> None:
 
 def test_private_modules_declare_all() -> None:
     private = ["_batcher", "_client", "_event", "_exceptions", "_keys", "_metadata", "_queue", "_sender"]
-    for module in [*private, "_settings", "_sync"]:
+    newer = ["_backlog", "_disabled", "_proxies", "_tracking", "asgi", "wsgi"]
+    for module in [*private, "_settings", "_sync", *newer]:
         loaded = importlib.import_module(f"analytics_sdk.{module}")
         for name in loaded.__all__:
             assert hasattr(loaded, name), f"{module}.__all__ names missing {name}"

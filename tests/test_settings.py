@@ -39,6 +39,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "analytics_redis_timeout": ("1.5", 1.5),
     "analytics_publish_retries": ("0", 0),
     "analytics_publish_timeout": ("0.75", 0.75),
+    "analytics_enabled": ("false", False),
 }
 
 
@@ -71,6 +72,7 @@ def test_variable_names() -> None:
         "analytics_redis_timeout": "ANALYTICS_REDIS_TIMEOUT",
         "analytics_publish_retries": "ANALYTICS_PUBLISH_RETRIES",
         "analytics_publish_timeout": "ANALYTICS_PUBLISH_TIMEOUT",
+        "analytics_enabled": "ANALYTICS_ENABLED",
     }
 
 
