@@ -292,8 +292,12 @@ def test_fixtures_work_through_the_plugin(pytester: pytest.Pytester, monkeypatch
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     pytester.makeconftest(APP_CONFTEST)
     pytester.makepyfile(test_app=APP_TESTS)
-    # The package is not installed here, so its pytest11 entry point is not active: load it by name.
-    result = pytester.runpytest_subprocess("-p", "analytics_sdk.pytest_plugin", "-p", "no:cacheprovider")
+    # Whether or not the package is installed (its pytest11 entry point active), the inner run loads
+    # exactly the plugins named here: ours by name, as an installed package's entry point would.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    result = pytester.runpytest_subprocess(
+        "-p", "pytest_asyncio.plugin", "-p", "analytics_sdk.pytest_plugin", "-p", "no:cacheprovider"
+    )
     result.assert_outcomes(passed=5)
 
 
@@ -302,6 +306,7 @@ def test_without_the_plugin_the_fixtures_do_not_exist(
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     pytester.makepyfile(test_app=APP_TESTS)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # an installed package would autoload it
+    result = pytester.runpytest_subprocess("-p", "pytest_asyncio.plugin", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=5)
     result.stdout.fnmatch_lines(["*fixture 'analytics_*recorder' not found*"])
