@@ -67,14 +67,29 @@ def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fl
     finally:
         app.close()
 
-    # Keep feeding the queue for a few seconds, so the beats' ticks find work while the two
-    # deliveries are still draining: every tick is one more drain racing the others.
+    def drains() -> list[tuple[str, int]]:
+        return [
+            (pool, int(claimed))
+            for pool, claimed in re.findall(
+                r"ForkPoolWorker-(\d+)\] drained \S+: claimed=(\d+)", worker.log()
+            )
+        ]
+
+    # Keep feeding the queue while the two deliveries drain and after, so the beats' ticks find work:
+    # every tick is one more drain racing the others. How long the deliveries take depends on the
+    # machine, so feed until the worker has logged both deliveries and at least two ticks with work
+    # (bounded), rather than for a fixed time.
     async def feed() -> None:
+        deadline = time.monotonic() + 90
         async with AnalyticsClient(settings) as client:
-            for round_ in range(150):
+            for round_ in range(100_000):
                 batch = [{"event_type": "fed", "event_metadata": {"r": round_, "k": k}} for k in range(100)]
                 ledger.accept(await client.track_many(batch))
                 await asyncio.sleep(0.02)
+                if round_ % 25 == 0 and (
+                    sum(1 for _, claimed in drains() if claimed > 0) >= 4 or time.monotonic() > deadline
+                ):
+                    return
 
     asyncio.run(feed())
     wait_for_sync(
@@ -83,12 +98,9 @@ def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fl
         message="both deliveries ran and the queue is empty",
     )
     # Both pool processes really drained (claimed something), so the claims had to be disjoint.
-    drains = [
-        (pool, int(claimed))
-        for pool, claimed in re.findall(r"ForkPoolWorker-(\d+)\] drained \S+: claimed=(\d+)", worker.log())
-    ]
-    assert len({pool for pool, claimed in drains if claimed > 0}) == 2, worker.log()[-3000:]
-    assert sum(1 for _, claimed in drains if claimed > 0) >= 4, drains  # the deliveries + beat ticks
+    done = drains()
+    assert len({pool for pool, claimed in done if claimed > 0}) == 2, worker.log()[-3000:]
+    assert sum(1 for _, claimed in done if claimed > 0) >= 4, done  # the deliveries + beat ticks
     _assert_disjoint(_settle(settings, fleet, ledger), ledger)
     assert rows(settings) == len(ledger.accepted)
 
