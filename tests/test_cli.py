@@ -22,9 +22,9 @@ from click.testing import CliRunner, Result
 
 from analytics_sdk import AnalyticsClient, Settings, validate
 from analytics_sdk._queue import QueueKeys, claim, dead_letter_entry, push
-from bridge._cli_dead import purge_dead, replay_dead, snapshot_dead
-from bridge._cli_status import redis_client
 from bridge.cli import main
+from bridge.cli._dead import purge_dead, replay_dead, snapshot_dead
+from bridge.cli._status import redis_client
 from tests.conftest import PG_ADMIN_URL, run_blocking
 from tests.helpers import wait_for_sync
 from tests.servers import free_port

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from analytics_sdk import Settings, decode, validate
 from analytics_sdk._queue import QueueKeys
-from bridge._demo_worker import Worker
+from bridge.demo._worker import Worker
 from tests.servers import start_redis
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._queue import QueueKeys, claim
 from analytics_sdk._redis import redis_client
+from bridge.cli._metrics import make_registry
 from bridge.drain import drain
-from bridge.metrics import make_registry
 from tests.conftest import run_blocking
 from tests.helpers import wait_for_sync
 from tests.servers import free_port

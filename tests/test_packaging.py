@@ -63,7 +63,7 @@ def test_console_script_with_the_extra_runs_the_cli() -> None:
 def test_the_distribution_is_ours_and_every_install_line_names_it() -> None:
     """`analytics-sdk` on PyPI is an unrelated package importing the same `analytics_sdk`: no install
     line may fetch it."""
-    from bridge._entry import DISTRIBUTION
+    from bridge.cli._entry import DISTRIBUTION
 
     assert PYPROJECT["project"]["name"] == DISTRIBUTION == "durable-analytics"
     files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "examples").rglob("*.py")]

@@ -12,8 +12,8 @@ from click.testing import CliRunner, Result
 
 from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._queue import QueueKeys, claim, dead_letter_entry
-from bridge._cli_status import redis_client
 from bridge.cli import main
+from bridge.cli._status import redis_client
 from tests.conftest import run_blocking
 from tests.servers import free_port
 

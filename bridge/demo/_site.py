@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from analytics_sdk import AnalyticsClient
 
-from .schema import events_table, sqlalchemy_url
+from ..schema import events_table, sqlalchemy_url
 
 __all__ = ["EVENT_TYPES", "Readback", "count_rows", "engine_for", "read_back", "simulate"]
 

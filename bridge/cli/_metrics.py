@@ -1,7 +1,7 @@
 """`analytics-bridge metrics`: a Prometheus exporter reading the queue and the table on each scrape.
 
 Nothing is counted in this process: every scrape reads the figures `status` reads (the Redis part
-of :func:`bridge._cli_status.collect_status`, same keys, same clock) so the exporter and `status`
+of :func:`bridge.cli._status.collect_status`, same keys, same clock) so the exporter and `status`
 never disagree, and any number of exporters (or none) may run. Each scrape is one ``asyncio.run``
 on the HTTP server's request thread, with clients made and closed inside it: no async client outlives
 its loop. Each backend is read under its own timeout, so a dead PostgreSQL costs one timeout, not the
@@ -44,8 +44,8 @@ from redis.exceptions import RedisError
 
 from analytics_sdk._settings import Settings, redact_url
 
-from ._cli_status import _database_error, _redis_error, _redis_figures
-from .schema import asyncpg_dsn
+from ..schema import asyncpg_dsn
+from ._status import _database_error, _redis_error, _redis_figures
 
 __all__ = ["DEFAULT_PORT", "QueueCollector", "make_registry", "serve"]
 

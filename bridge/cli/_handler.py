@@ -19,8 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_sdk._settings import Settings, redact_url
 
-from ._cli_status import START_POSTGRES, START_REDIS
-from ._errors import (
+from .._errors import (
     HeldByEnvironment,
     NotMigrated,
     RedisTooOld,
@@ -29,6 +28,7 @@ from ._errors import (
     is_connection_error,
     postgres_error_of,
 )
+from ._status import START_POSTGRES, START_REDIS
 
 __all__ = ["Misconfigured", "Unreachable", "run"]
 

@@ -23,10 +23,10 @@ import redis
 
 from analytics_sdk._settings import Settings, redact_url
 
-from ._cli_status import START_POSTGRES, START_REDIS
-from ._errors import RedisTooOld
-from ._preflight import check_redis_version
-from .schema import asyncpg_dsn
+from .._errors import RedisTooOld
+from .._preflight import check_redis_version
+from ..cli._status import START_POSTGRES, START_REDIS
+from ..schema import asyncpg_dsn
 
 __all__ = ["DemoError", "Worker", "broker_for_demo", "check_postgres", "check_redis"]
 

@@ -1,5 +1,5 @@
 """`analytics-bridge status`: read every figure an operator needs (judged and rendered in
-:mod:`._cli_status_report`).
+:mod:`._status_report`).
 
 Read-only: it never changes a key. Redis and PostgreSQL are asked separately, so a dead database
 still leaves the queue figures visible (and the other way round). Every age is measured against
@@ -23,7 +23,7 @@ from analytics_sdk._queue import QueueKeys
 from analytics_sdk._redis import redis_client
 from analytics_sdk._settings import Settings, redact_url
 
-from ._cli_status_report import render_status, warnings_for
+from ._status_report import render_status, warnings_for
 
 __all__ = [
     "START_POSTGRES",
@@ -196,7 +196,7 @@ async def _redis_figures(settings: Settings) -> dict[str, Any]:
 
 
 async def _row_count(database_url: str) -> dict[str, Any]:
-    from .schema import asyncpg_dsn  # the bridge extra; imported here so `status` of Redis never needs it
+    from ..schema import asyncpg_dsn  # the bridge extra; imported here so `status` of Redis never needs it
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url), timeout=_COUNT_TIMEOUT)
     try:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 # the same rule and threshold as the warning of `status` ("is a worker running?")
-from ._cli_status_report import _STALE_INTERVALS as STALE_INTERVALS
-from ._cli_status_report import _stale_queue as stale_queue
+from ._status_report import _STALE_INTERVALS as STALE_INTERVALS
+from ._status_report import _stale_queue as stale_queue
 
 __all__ = ["stuck_reasons"]
 

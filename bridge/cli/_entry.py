@@ -49,6 +49,6 @@ def main() -> None:
         )
         # 2: the CLI's exit code for a setup that cannot work (see `analytics-bridge --help`)
         raise SystemExit(2)
-    from .cli import main as cli_main
+    from ._commands import main as cli_main
 
     cli_main(prog_name="analytics-bridge")

@@ -1,6 +1,6 @@
 """`analytics-bridge status`: judge the figures (warnings) and render them as a table.
 
-Pure functions over the dict :func:`bridge._cli_status.collect_status` returns, so every rule here
+Pure functions over the dict :func:`bridge.cli._status.collect_status` returns, so every rule here
 can be read (and tested) without a service.
 
 "Is a worker running?" is judged from what the drains themselves leave in Redis, never from an

@@ -11,9 +11,9 @@ import click
 from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings
 
-from ._cli_status import redis_client
-from ._preflight import check_postgres, check_redis
-from .drain import DrainSummary, drain
+from .._preflight import check_postgres, check_redis
+from ..drain import DrainSummary, drain
+from ._status import redis_client
 
 __all__ = ["run_flush"]
 

@@ -27,8 +27,10 @@ from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings, redact_url
 
-from . import _cli_dead, _cli_errors, _cli_status
-from ._cli_check import stuck_reasons
+from . import _dead as _cli_dead
+from . import _handler as _cli_errors
+from . import _status as _cli_status
+from ._check import stuck_reasons
 
 __all__ = ["main"]
 
@@ -78,7 +80,7 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.pass_context
 def migrate(ctx: click.Context) -> None:
     """Create the database if missing, then the table and indexes (idempotent)."""
-    from .schema import migrate as run_migrate
+    from ..schema import migrate as run_migrate
 
     settings = _settings(ctx)
     _run(run_migrate(settings.database_url), settings)
@@ -124,7 +126,7 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
 @click.pass_context
 def flush(ctx: click.Context, time_budget: float | None, as_json: bool) -> None:
     """Drain the queue into PostgreSQL now, inline, with the same drain() the Celery task runs."""
-    from ._cli_flush import run_flush
+    from ._flush import run_flush
 
     settings = _settings(ctx)
     summary = _run(run_flush(settings, time_budget=time_budget, show_progress=not as_json), settings)
@@ -187,7 +189,7 @@ def dead_replay(ctx: click.Context, limit: int | None, as_json: bool) -> None:
     """Re-validate each dead letter; re-queue what passes now, keep what does not.
 
     Crash-safe: an entry leaves the dead list only after its event is back in the queue (see
-    bridge/_cli_dead.py). Fix the cause first (e.g. raise ANALYTICS_MAX_METADATA_BYTES); events that
+    bridge/cli/_dead.py). Fix the cause first (e.g. raise ANALYTICS_MAX_METADATA_BYTES); events that
     PostgreSQL itself refused are re-queued and, if still refused, dead-lettered again by the drain.
     """
     settings = _settings(ctx)
@@ -262,7 +264,7 @@ def dead_purge(ctx: click.Context, yes: bool) -> None:
 @click.pass_context
 def demo(ctx: click.Context) -> None:
     """Run the end-to-end demo (same as `nox -s demo`); `demo --help` for its options."""
-    from .demo import main as demo_main
+    from ..demo import main as demo_main
 
     demo_main.main(args=ctx.args, prog_name="analytics-bridge demo")
 
@@ -284,7 +286,7 @@ def metrics(ctx: click.Context, port: int, host: str, timeout: float) -> None:
     Every scrape reads Redis and PostgreSQL afresh (the figures of `status`); a backend that is down
     reads analytics_backend_up 0 and the scrape still succeeds. Runs until SIGTERM or Ctrl-C.
     """
-    from .metrics import serve  # prometheus_client: only this command needs it
+    from ._metrics import serve  # prometheus_client: only this command needs it
 
     try:
         serve(_settings(ctx), host=host, port=port, timeout=timeout)

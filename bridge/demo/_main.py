@@ -27,10 +27,10 @@ import redis
 from analytics_sdk import AnalyticsClient, ConfigurationError, Settings
 from analytics_sdk._settings import redact_url
 
-from . import _demo_site as site
-from ._cli_status import collect_status
-from ._demo_worker import DemoError, Worker, broker_for_demo, check_postgres, check_redis
-from .schema import migrate
+from ..cli._status import collect_status
+from ..schema import migrate
+from . import _site as site
+from ._worker import DemoError, Worker, broker_for_demo, check_postgres, check_redis
 
 __all__ = ["main"]
 
@@ -211,7 +211,3 @@ def _demo(users: int, per_user: int, flush_interval: float, concurrency: int) ->
                 for sig, handler in ignored.items():
                     signal.signal(sig, handler)
     return code
-
-
-if __name__ == "__main__":
-    main(prog_name="python -m bridge.demo")
