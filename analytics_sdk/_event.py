@@ -98,13 +98,10 @@ class Event(NamedTuple):
         return orjson.dumps(doc)
 
 
-# The random part of event ids comes from os.urandom, 10 bytes per id, read when the id is made. Not a
-# seeded generator (the Mersenne Twister before): its state is memory, and a VM or container snapshot
-# restored twice (Firecracker, CRIU, Lambda SnapStart) replays it, so both copies emit the same ids and
-# the sink's dedupe on event_id silently drops the second event. Nor a buffer of urandom bytes drawn
-# ahead: that is memory too, replayed by a restore and inherited by a fork. The kernel reseeds its own
-# generator on a VM generation change (vmgenid) and no two processes share its output, so a fresh
-# read per id is safe where any cache is not; getrandom(2) for 10 bytes costs about 0.5 us here.
+# The random part of event ids: os.urandom, 10 bytes read per id. Not a seeded generator, nor a buffer
+# drawn ahead: both are memory, which a VM or container snapshot restored twice (Firecracker, CRIU,
+# Lambda SnapStart) replays, so both copies would emit the same ids and the sink's dedupe on event_id
+# would silently drop the second event. The kernel reseeds on a VM generation change; ~0.5 us here.
 _urandom = os.urandom
 # The variant nibble "10xx" from a random hex digit: keeps its two low bits.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
