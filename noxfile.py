@@ -22,6 +22,24 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session(python="3.11", reuse_venv=False)
+def tests_lowest(session: nox.Session) -> None:
+    """The whole suite against the LOWEST versions pyproject declares (its floors), Python 3.11.
+
+    uv's ``--resolution lowest-direct`` takes every direct requirement (runtime, the bridge extra, the
+    test and bench groups) at its floor and the transitive ones at their newest, as a user pinning our
+    floors would get. A fresh venv each run: a reused one would keep whatever an earlier run installed.
+    """
+    session.install("uv")
+    session.run(
+        "uv", "pip", "install", "--resolution", "lowest-direct",
+        "-e", ".[bridge]", *_group("test"), *_group("bench"),
+    )  # fmt: skip
+    # the versions actually tested, in the log
+    session.run("uv", "pip", "freeze")
+    session.run("pytest", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install(*_group("lint"))
