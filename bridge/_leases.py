@@ -22,7 +22,6 @@ crosses ``asyncio.run`` calls safely.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -173,11 +172,15 @@ class LeaseKeeper:
         self._task = asyncio.create_task(self._beat(), name="analytics-lease-heartbeat")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Cancel the heartbeat and wait for it, boundedly. ``asyncio.wait``, not ``await task``
+        under a suppress(CancelledError): that would also swallow a cancellation of the caller (the
+        drain's own task being cancelled while it stops the heartbeat) and could wait for ever."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            _, still = await asyncio.wait({task}, timeout=5)
+            if still:
+                logger.warning("the lease heartbeat did not stop within 5 s; leaving it")
 
     async def _beat(self) -> None:
         while True:
@@ -190,7 +193,8 @@ class LeaseKeeper:
             except _STALL_ERRORS as exc:  # the next beat tries again; the lease has slack till then
                 logger.warning("could not renew %s lease(s): %s", len(stakes), exc)
                 continue
-            lost = [c for c, ours in zip(stakes, flags, strict=True) if not ours]
+            # A lease acked or released while the renewal was in flight is no longer held: not lost.
+            lost = [c for c, ours in zip(stakes, flags, strict=True) if not ours and c.batch_id in self.held]
             if lost:
                 self.drop(lost)
                 logger.warning(
