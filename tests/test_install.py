@@ -138,10 +138,13 @@ def test_messages_are_json_whatever_the_apps_serializer(tmp_path: Path) -> None:
             theirs = [json.loads(m) for m in client.lrange("billing", 0, -1)]
     assert [m["content-type"] for m in ours] == ["application/json", "application/json"]
     assert all(m["headers"]["task"] == "flush_analytics_events" for m in ours)
-    assert ours[0]["headers"]["timelimit"] == [
+    # Celery 5.7 copies the task's own limits into the message; older releases send [None, None] and
+    # the worker applies the task's attributes (pinned by the first test of this module).
+    limits = [
         Settings.from_env().analytics_task_time_limit,
         Settings.from_env().analytics_task_soft_time_limit,
     ]
+    assert ours[0]["headers"]["timelimit"] in (limits, [None, None])
     assert [m["content-type"] for m in theirs] == ["application/x-yaml"]
 
 
@@ -181,10 +184,8 @@ def test_an_old_task_of_the_same_name_is_refused() -> None:
     def legacy() -> None:  # the task of the service the bridge replaces
         pass
 
-    with (
-        pytest.warns(Warning, match="already registered"),  # Celery's own, then our error
-        pytest.raises(ConfigurationError, match=r"already has a task of this name.*legacy"),
-    ):
+    # (Celery 5.7 also warns "already registered" on its own; older releases do not.)
+    with pytest.raises(ConfigurationError, match=r"already has a task of this name.*legacy"):
         bridge.install(app)
     assert app.conf.task_routes == THEIR_CONFIG["task_routes"]
 
