@@ -26,8 +26,6 @@ from typing import Any, Self
 
 import anyio.to_thread
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -40,6 +38,7 @@ from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
 from ._reads import SizeReader
+from ._redis import redis_client
 from ._sender import TaskSender
 from ._settings import Settings, redact_url
 
@@ -269,17 +268,12 @@ class AnalyticsClient:
             self._sizes.forget()
         self._forks = _forks[0]
         if self._redis is None:
-            timeout = self.settings.analytics_redis_timeout
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.settings.redis_dsn,
-                max_connections=MAX_CONNECTIONS,
-                timeout=self.settings.analytics_publish_timeout,  # waiting for a free connection
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # Our own bounded retry (_breaker.push_with_retry) is the only one: its worst case is known.
-                retry=Retry(NoBackoff(), 0),
+            # No hidden retry: our own bounded one (_breaker.push_with_retry) is the only one, so its
+            # worst case is known; a command past the pool's cap waits for a connection, within the
+            # publish deadline.
+            self._redis = redis_client(
+                self.settings, max_connections=MAX_CONNECTIONS, wait=self.settings.analytics_publish_timeout
             )
-            self._redis = aioredis.Redis.from_pool(pool)
         return self._redis
 
     async def _enqueue(self, payloads: list[bytes], size: int = -1) -> None:
@@ -289,6 +283,5 @@ class AnalyticsClient:
         # _get_redis(), which checks everything and raises the right error.
         if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
             client = self._get_redis()
-        if self._breaker.is_open:  # Redis is known down: fail now, not after the publish timeout
-            raise self._breaker.error()
+        # (submit fails at once, without queueing, while the breaker says Redis is known down)
         await self._batcher.submit(loop, client, payloads, size)

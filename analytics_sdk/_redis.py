@@ -24,17 +24,26 @@ def NO_RETRY() -> Retry:  # a fresh object per client: redis-py mutates it
     return Retry(NoBackoff(), 0)
 
 
-def redis_client(settings: Settings, **options: Any) -> aioredis.Redis:
+def redis_client(
+    settings: Settings, *, max_connections: int | None = None, wait: float | None = None
+) -> aioredis.Redis:
     """A client for ``settings.redis_dsn`` with the socket timeouts of the settings and no hidden
-    retry; ``options`` go to redis-py (e.g. ``max_connections``)."""
+    retry. With ``max_connections``, its pool is a blocking one of that size: a command past the cap
+    waits up to ``wait`` seconds for a free connection instead of failing at once (redis-py's default
+    pool raises ``MaxConnectionsError`` past 100)."""
     timeout = settings.analytics_redis_timeout
-    client = aioredis.Redis.from_url(
-        settings.redis_dsn,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=NO_RETRY(),
-        **options,
-    )
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": NO_RETRY(),
+    }
+    if max_connections is None:
+        client = aioredis.Redis.from_url(settings.redis_dsn, **common)
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_dsn, max_connections=max_connections, timeout=wait, **common
+        )
+        client = aioredis.Redis.from_pool(pool)
     # The URL's query string wins over keyword arguments in from_url: put our policy back.
     client.set_retry(NO_RETRY())
     kwargs = client.connection_pool.connection_kwargs
