@@ -23,7 +23,6 @@ __all__ = [
     "Claim",
     "PushResult",
     "QueueKeys",
-    "Stake",
     "ack",
     "claim",
     "dead_letter_entry",
@@ -56,7 +55,6 @@ async def push(
     cap: int,
     *,
     token: str | None = None,
-    guard_ttl_ms: int = PUSH_GUARD_TTL_MS,
 ) -> PushResult:
     """Append ``payloads``, trim the queue to ``cap`` (dropping the oldest) and count what was dropped,
     in one script: atomic, so the count is exact even if this process dies right after.
@@ -68,7 +66,7 @@ async def push(
     """
     guard = keys.push_guard(token or uuid.uuid4().hex)
     length, dropped, repeated = await _lua.PUSH(
-        client, [keys.queue, keys.dropped, guard], [cap, guard_ttl_ms, *payloads]
+        client, [keys.queue, keys.dropped, guard], [cap, PUSH_GUARD_TTL_MS, *payloads]
     )
     return PushResult(int(length), int(dropped), bool(repeated))
 
@@ -80,14 +78,7 @@ class Claim(NamedTuple):
     token: str = ""  # the owner token: ack, split, renew and release act only while it is current
 
 
-class Stake(NamedTuple):
-    """A lease as its owner names it: enough to renew, release or ack it, and nothing else."""
-
-    batch_id: str
-    token: str
-
-
-def _stakes(claims: Sequence[Claim | Stake]) -> list[str]:
+def _stakes(claims: Sequence[Claim]) -> list[str]:
     args: list[str] = []
     for c in claims:
         args += [c.batch_id, c.token]
@@ -213,7 +204,7 @@ async def split_lease(
     return bool(await _lua.SPLIT(client, script_keys, args))
 
 
-async def renew(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim | Stake]) -> list[bool]:
+async def renew(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim]) -> list[bool]:
     """The heartbeat: refresh the leases still owned (one flag per stake: False = taken over)."""
     if not stakes:
         return []
@@ -221,7 +212,7 @@ async def renew(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim 
     return [bool(flag) for flag in flags]
 
 
-async def release(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim | Stake]) -> int:
+async def release(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Claim]) -> int:
     """Give leases back for the next drain at once (score 0), keeping their items in flight: for
     batches a drain could not store through no fault of theirs (PostgreSQL or Redis said no, a
     shutdown). The next take-over does not count towards the poison limit. Returns how many were
@@ -231,7 +222,7 @@ async def release(client: aioredis.Redis, keys: QueueKeys, stakes: Sequence[Clai
     return int(await _lua.EXPIRE_RELEASE(client, [keys.leases, keys.owners], _stakes(stakes)))
 
 
-async def mark_reclaims(client: aioredis.Redis, keys: QueueKeys, stake: Claim | Stake, count: int) -> bool:
+async def mark_reclaims(client: aioredis.Redis, keys: QueueKeys, stake: Claim, count: int) -> bool:
     """Set the take-over count of a lease the caller owns (the drain marks a split part before it
     tries it, so a crash on it incriminates that part alone)."""
     return bool(await _lua.MARK(client, [keys.reclaims, keys.owners], [stake.batch_id, stake.token, count]))
