@@ -102,6 +102,10 @@ class Settings:
     #: development without Redis). ``ANALYTICS_ENABLED=false`` in the environment switches off every
     #: client of the process, whatever Settings it was made with (see :mod:`._disabled`).
     analytics_enabled: bool = True
+    #: Width of each time partition of the events table: ``month``, ``week`` or ``day``.
+    analytics_partition_interval: str = "month"
+    #: Days of events to keep; the daily maintenance drops partitions wholly older. 0 keeps everything.
+    analytics_retention_days: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -134,6 +138,13 @@ class Settings:
         _positive("analytics_backlog_trigger_cooldown", self.analytics_backlog_trigger_cooldown)
         _positive("analytics_publish_retries", self.analytics_publish_retries, allow_zero=True)
         _positive("redis_db", self.redis_db, allow_zero=True)
+        _positive("analytics_retention_days", self.analytics_retention_days, allow_zero=True)
+        if self.analytics_partition_interval not in ("month", "week", "day"):
+            raise ConfigurationError(
+                env_name("analytics_partition_interval"),
+                self.analytics_partition_interval,
+                "must be month, week or day",
+            )
         if not 0 < self.redis_port < 65536:
             raise ConfigurationError(env_name("redis_port"), self.redis_port, "must be a TCP port")
         # A claim moves at most this many items in one Lua call; Lua's stack bounds it.

@@ -40,6 +40,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "analytics_publish_retries": ("0", 0),
     "analytics_publish_timeout": ("0.75", 0.75),
     "analytics_enabled": ("false", False),
+    "analytics_partition_interval": ("day", "day"),
+    "analytics_retention_days": ("365", 365),
 }
 
 
@@ -73,6 +75,8 @@ def test_variable_names() -> None:
         "analytics_publish_retries": "ANALYTICS_PUBLISH_RETRIES",
         "analytics_publish_timeout": "ANALYTICS_PUBLISH_TIMEOUT",
         "analytics_enabled": "ANALYTICS_ENABLED",
+        "analytics_partition_interval": "ANALYTICS_PARTITION_INTERVAL",
+        "analytics_retention_days": "ANALYTICS_RETENTION_DAYS",
     }
 
 
@@ -345,3 +349,14 @@ def test_wrong_type_error_does_not_show_the_secret() -> None:
     with pytest.raises(ConfigurationError) as info:
         Settings(database_url=b"postgresql://u:hunter2@h/db")  # type: ignore[arg-type]
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ANALYTICS_PARTITION_INTERVAL", "year"), ("ANALYTICS_RETENTION_DAYS", "-1")],
+)
+def test_partition_settings_refuse_bad_values_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({variable: value})
+    assert variable in str(caught.value)
+    assert value in str(caught.value)
