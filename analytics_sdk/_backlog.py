@@ -76,7 +76,11 @@ class AfterPush:
         task.add_done_callback(self.background.discard)
 
     async def stop(self) -> None:
-        """Cancel the flush sends still running (the client is closing) and wait for them to end."""
+        """The client is closing: let the flush requests already out finish, within the publish
+        timeout (the events just tracked may depend on one: a short-lived process must not leave them
+        to beat), then cancel what is left and wait for it to end."""
+        if self.background:
+            await asyncio.wait(self.background, timeout=self.settings.analytics_publish_timeout)
         for task in list(self.background):
             task.cancel()
         if self.background:

@@ -78,6 +78,8 @@ def test_key_names() -> None:
     assert keys.dropped == "{app}:events:dropped"
     assert keys.stats == "{app}:stats"
     assert keys.flush_cooldown == "{app}:flush:cooldown"
+    assert keys.flush_delay == "{app}:flush:delay"
+    assert keys.flush_requests == "{app}:flush:requests"
     assert QueueKeys().queue == "analytics:events:batch"
 
 
