@@ -182,7 +182,7 @@ class _Drain(BatchWriter):
                         await self.release(claims)
                         self.summary.stopped = True
                         break
-                    pending = asyncio.create_task(self.store(claims, decoded))
+                    pending = asyncio.create_task(self.store(claims, decoded, fresh=True))
                 if exhausted:
                     break
                 if self.out_of_time():
