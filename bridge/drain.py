@@ -40,6 +40,7 @@ from analytics_sdk._queue import (
     Claim,
     QueueKeys,
     claim,
+    claim_many,
     dead_letter_entry,
     expired_leases,
     mark_reclaims,
@@ -197,27 +198,35 @@ class _Drain(BatchWriter):
                     await pending
 
     async def _claim_group(self) -> tuple[list[Claim], bool]:
-        """Claims of ``analytics_batch_size`` until a transaction's worth of rows; True if drained."""
+        """Claims of ``analytics_batch_size`` until a transaction's worth of rows; True if drained.
+
+        One claim first: a queue shorter than a claim (the common case of a prompt flush) costs one
+        round trip. When it came back full, the rest of the transaction's claims go in one pipeline
+        (:func:`claim_many`) instead of one round trip each: 49 fewer per transaction on the defaults."""
         size = self.settings.analytics_batch_size
         per_transaction = max(size, self.settings.analytics_insert_batch_size)
         claims: list[Claim] = []
-        rows = 0
-        while rows < per_transaction:
-            attempt = Claim(uuid.uuid4().hex, [], 0, new_token())
-            try:
-                taken = await claim(self.redis, self.keys, size, attempt.batch_id, attempt.token)
-            except BaseException:
-                # The claim may have run with its reply lost: give back whatever it took, and the
-                # claims already in hand, so they are not stranded until their leases expire.
-                await self.release([*claims, attempt])
-                raise
-            if taken.items:
-                claims.append(taken)
-                self.keeper.hold([taken])
-                rows += len(taken.items)
+        attempts = [(uuid.uuid4().hex, new_token())]
+        try:
+            taken = await claim(self.redis, self.keys, size, *attempts[0])
+            self._keep(claims, [taken])
             if len(taken.items) < size:
                 return claims, True
-        return claims, False
+            attempts = [(uuid.uuid4().hex, new_token()) for _ in range(-(-per_transaction // size) - 1)]
+            more = await claim_many(self.redis, self.keys, size, attempts) if attempts else []
+        except BaseException:
+            # A claim may have run with its reply lost: give back whatever it took, and the claims
+            # already in hand, so they are not stranded until their leases expire.
+            await self.release([*claims, *(Claim(b, [], 0, t) for b, t in attempts)])
+            raise
+        self._keep(claims, more)
+        return claims, any(len(c.items) < size for c in more)
+
+    def _keep(self, claims: list[Claim], taken: list[Claim]) -> None:
+        for c in taken:
+            if c.items:
+                claims.append(c)
+                self.keeper.hold([c])
 
 
 async def drain(
