@@ -62,7 +62,7 @@ async def test_the_same_attempts_again_pop_nothing_more(own_redis: aioredis.Redi
 
 
 async def test_one_round_trip_and_a_restarted_servers_empty_script_cache(own_redis: aioredis.Redis) -> None:
-    await push(own_redis, KEYS, [f"e{i}".encode() for i in range(300)], cap=1000)
+    await push(own_redis, KEYS, [f"e{i}".encode() for i in range(400)], cap=1000)
     await claim_many(own_redis, KEYS, 100, _attempts(1, "warm"))  # loads the script
     await own_redis.config_resetstat()
     claims = await claim_many(own_redis, KEYS, 100, _attempts(2))
