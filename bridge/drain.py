@@ -39,12 +39,9 @@ from redis.exceptions import ResponseError
 from analytics_sdk._queue import (
     Claim,
     QueueKeys,
-    claim,
-    claim_many,
     dead_letter_entry,
     expired_leases,
     mark_reclaims,
-    new_token,
     split_lease,
     take_over,
 )
@@ -52,6 +49,7 @@ from analytics_sdk._redis import redis_client
 from analytics_sdk._settings import Settings
 
 from . import _failpoints, _shutdown
+from ._groups import claim_group
 from ._leases import settle_unfinished
 from ._writer import BatchWriter, DrainSummary
 from .store import InsertResult, close, connect
@@ -157,9 +155,9 @@ class _Drain(BatchWriter):
     async def claim_fresh(self) -> None:
         """Claim, decode, insert, ack until the queue is empty or the budget is spent.
 
-        Pipelined by one group: while group k is in PostgreSQL (its COPY, INSERT and COMMIT run in
-        the server's process), group k+1 is claimed and decoded here, so decoding and the database
-        work overlap instead of adding up. At most two groups are in flight at any time.
+        Pipelined by one group: while group k is in PostgreSQL (its COPY and COMMIT run in the
+        server's process), group k+1 is claimed and decoded here, so decoding and the database work
+        overlap instead of adding up. At most two groups are in flight at any time.
         """
         pending: asyncio.Task[None] | None = None
         try:
@@ -167,7 +165,7 @@ class _Drain(BatchWriter):
                 if _shutdown.stop_requested():
                     self.summary.stopped = True
                     break
-                claims, exhausted = await self._claim_group()
+                claims, exhausted = await claim_group(self)
                 if claims:
                     _failpoints.hit("after_claim")
                     decoded = await self.decode_yielding(claims)
@@ -196,37 +194,6 @@ class _Drain(BatchWriter):
                 # Claiming failed while a group was in the database: let that group commit and ack.
                 with contextlib.suppress(BaseException):
                     await pending
-
-    async def _claim_group(self) -> tuple[list[Claim], bool]:
-        """Claims of ``analytics_batch_size`` until a transaction's worth of rows; True if drained.
-
-        One claim first: a queue shorter than a claim (the common case of a prompt flush) costs one
-        round trip. When it came back full, the rest of the transaction's claims go in one pipeline
-        (:func:`claim_many`) instead of one round trip each: 49 fewer per transaction on the defaults."""
-        size = self.settings.analytics_batch_size
-        per_transaction = max(size, self.settings.analytics_insert_batch_size)
-        claims: list[Claim] = []
-        attempts = [(uuid.uuid4().hex, new_token())]
-        try:
-            taken = await claim(self.redis, self.keys, size, *attempts[0])
-            self._keep(claims, [taken])
-            if len(taken.items) < size:
-                return claims, True
-            attempts = [(uuid.uuid4().hex, new_token()) for _ in range(-(-per_transaction // size) - 1)]
-            more = await claim_many(self.redis, self.keys, size, attempts) if attempts else []
-        except BaseException:
-            # A claim may have run with its reply lost: give back whatever it took, and the claims
-            # already in hand, so they are not stranded until their leases expire.
-            await self.release([*claims, *(Claim(b, [], 0, t) for b, t in attempts)])
-            raise
-        self._keep(claims, more)
-        return claims, any(len(c.items) < size for c in more)
-
-    def _keep(self, claims: list[Claim], taken: list[Claim]) -> None:
-        for c in taken:
-            if c.items:
-                claims.append(c)
-                self.keeper.hold([c])
 
 
 async def drain(
