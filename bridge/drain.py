@@ -12,8 +12,10 @@ Order of work:
    before it is tried, so the next crash incriminates exactly one event, which is then dead-lettered.
 2. Fresh claims of ``analytics_batch_size`` events are gathered until ``analytics_insert_batch_size``
    rows are in hand (claim size and transaction size are separate knobs: the first bounds what one
-   crash leaves in flight, the second sets insert throughput), inserted, and acked together after
-   the COMMIT, in one allow-oom script that also writes their dead letters and counters.
+   crash leaves in flight, the second sets insert throughput; :mod:`bridge._groups` takes them in
+   two round trips), inserted (COPYed straight into the table, :mod:`bridge._straight`, or through
+   the staging table when PostgreSQL refuses any of them), and acked together after the COMMIT, in
+   one allow-oom script that also writes their dead letters and counters.
 
 Failures (handled by :class:`bridge._writer.BatchWriter`): an event that does not decode is
 dead-lettered with its reason. A data error (SQLSTATE 22/23) bisects the rows until each bad one
