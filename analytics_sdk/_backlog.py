@@ -87,8 +87,10 @@ class AfterPush:
             await asyncio.wait(self.background)
 
     def forget(self) -> None:
-        """Their loop is gone (or this is a forked child): the tasks are not ours to finish."""
+        """Their loop is gone (or this is a forked child): the tasks are not ours to finish, and a
+        request they had out will not move the gates, so the next push may ask again."""
         self.background.clear()
+        self._trigger_after = self._delay_after = 0.0
 
     def _note_dropped(self, count: int) -> None:
         # Rate-limited: a queue at its cap drops on every push; the exact total is in the counter.

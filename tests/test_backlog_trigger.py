@@ -26,18 +26,13 @@ from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._queue import QueueKeys
 from tests.helpers import wait_for
 from tests.servers import RedisServer, free_port
-from tests.worker_proc import LOOP_ERRORS, celery_worker, private_broker
+from tests.worker_proc import LOOP_ERRORS, broker_messages, celery_worker, private_broker
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RedisServer]:
     with private_broker(tmp_path) as server:
         yield server
-
-
-def _messages(broker: RedisServer) -> list[dict[str, Any]]:
-    with broker.client() as client:
-        return [json.loads(raw) for raw in client.lrange("analytics", 0, -1)]
 
 
 async def _settled(client: AnalyticsClient) -> None:
@@ -66,7 +61,7 @@ async def test_below_the_batch_size_sends_nothing(trigger_settings: Settings, br
         for i in range(9):
             await client.track("x", user_id=str(i))
         await _settled(client)
-    assert _messages(broker) == []
+    assert broker_messages(broker) == []
 
 
 async def test_reaching_the_batch_size_sends_one_flush_task(
@@ -75,9 +70,9 @@ async def test_reaching_the_batch_size_sends_one_flush_task(
     async with AnalyticsClient(trigger_settings) as client:
         for i in range(10):
             await client.track("x", user_id=str(i))
-        await wait_for(lambda: len(_messages(broker)) == 1, timeout=10, message="no flush task sent")
+        await wait_for(lambda: len(broker_messages(broker)) == 1, timeout=10, message="no flush task sent")
         await _settled(client)
-    [message] = _messages(broker)
+    [message] = broker_messages(broker)
     assert message["headers"]["task"] == "flush_analytics_events"
     assert message["content-type"] == "application/json"
     assert message["properties"]["delivery_info"]["routing_key"] == "analytics"
@@ -104,7 +99,7 @@ async def test_a_burst_from_many_clients_sends_one_task_now_and_one_at_the_coold
             await client.aclose()
     # The debounce: the first push past the threshold sends one now; the suppressed ones schedule
     # exactly one more, for the end of the cooldown (none dropped, none doubled across clients).
-    now, trailing = sorted(_messages(broker), key=lambda m: _eta(m) or "")
+    now, trailing = sorted(broker_messages(broker), key=lambda m: _eta(m) or "")
     assert _eta(now) is None
     eta = _eta(trailing)
     assert eta is not None
@@ -114,9 +109,9 @@ async def test_a_burst_from_many_clients_sends_one_task_now_and_one_at_the_coold
     await redis_client.delete(QueueKeys(trigger_settings.analytics_key_prefix).flush_cooldown)
     async with AnalyticsClient(trigger_settings) as client:
         await client.track("after-cooldown")
-        await wait_for(lambda: len(_messages(broker)) == 3, timeout=10, message="no third flush task")
+        await wait_for(lambda: len(broker_messages(broker)) == 3, timeout=10, message="no third flush task")
         await _settled(client)
-    assert sum(_eta(m) is None for m in _messages(broker)) == 2, "a new window: sent now"
+    assert sum(_eta(m) is None for m in broker_messages(broker)) == 2, "a new window: sent now"
 
 
 async def test_trigger_off_sends_nothing(
@@ -126,7 +121,7 @@ async def test_trigger_off_sends_nothing(
     async with AnalyticsClient(off) as client:
         await client.track_many([{"event_type": "x"} for _ in range(100)])
         await _settled(client)
-    assert _messages(broker) == []
+    assert broker_messages(broker) == []
     assert not await redis_client.exists(QueueKeys(off.analytics_key_prefix).flush_cooldown)
 
 

@@ -10,33 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._queue import QueueKeys
-from tests.helpers import wait_for
+from tests.helpers import row_count, wait_for
 from tests.servers import RedisServer
-from tests.worker_proc import LOOP_ERRORS, celery_worker, private_broker
+from tests.worker_proc import LOOP_ERRORS, broker_messages, celery_worker, private_broker
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RedisServer]:
     with private_broker(tmp_path) as server:
         yield server
-
-
-def _messages(broker: RedisServer) -> list[dict[str, Any]]:
-    with broker.client() as client:
-        return [json.loads(raw) for raw in client.lrange("analytics", 0, -1)]
 
 
 def _seconds_ahead(message: dict[str, Any]) -> float | None:
@@ -53,8 +46,7 @@ async def _settled(*clients: AnalyticsClient) -> None:
     await wait_for(lambda: not any(c._background for c in clients), timeout=10, message="sends still out")
 
 
-@pytest.fixture
-def on_defaults(settings: Settings, broker: RedisServer) -> Settings:
+def _shipped_timing(settings: Settings, broker: RedisServer) -> Settings:
     """The shipped timing (trigger on, cooldown 1 s, max delay 2 s, batch 100), a private broker."""
     defaults = Settings()
     return settings.replace(
@@ -64,6 +56,11 @@ def on_defaults(settings: Settings, broker: RedisServer) -> Settings:
         analytics_backlog_trigger_cooldown=defaults.analytics_backlog_trigger_cooldown,
         analytics_max_delay=defaults.analytics_max_delay,
     )
+
+
+@pytest.fixture
+def on_defaults(settings: Settings, broker: RedisServer) -> Settings:
+    return _shipped_timing(settings, broker)
 
 
 async def test_below_the_batch_size_many_clients_schedule_one_flush_max_delay_ahead(
@@ -78,7 +75,7 @@ async def test_below_the_batch_size_many_clients_schedule_one_flush_max_delay_ah
     finally:
         for client in clients:
             await client.aclose()
-    [message] = _messages(broker)
+    [message] = broker_messages(broker)
     ahead = _seconds_ahead(message)
     assert ahead is not None and 10 < ahead <= 20, ahead
     assert await _requests(redis_client, settings) == {"delayed": 1}
@@ -92,7 +89,7 @@ async def test_max_delay_0_leaves_a_short_queue_to_beat(
     async with AnalyticsClient(settings) as client:
         await client.track_many([{"event_type": "few"}] * 5)
         await _settled(client)
-    assert _messages(broker) == []
+    assert broker_messages(broker) == []
     assert await _requests(redis_client, settings) == {}
 
 
@@ -119,7 +116,7 @@ async def test_a_steady_stream_from_many_clients_sends_one_flush_per_cooldown(
         for client in clients:
             await client.aclose()
     elapsed = loop.time() - started
-    messages = _messages(broker)
+    messages = broker_messages(broker)
     requests = await _requests(redis_client, settings)
     assert requests["now"] == 1, requests
     assert len(messages) == requests["now"] + requests["trailing"], (len(messages), requests)
@@ -144,11 +141,7 @@ def _worker_env(settings: Settings, broker: RedisServer) -> dict[str, str]:
 
 
 async def _rows(settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM analytics_events"))
-    finally:
-        await conn.close()
+    return await row_count(settings.database_url)
 
 
 def _tasks_received(log: str) -> int:
@@ -162,13 +155,7 @@ async def test_on_the_defaults_a_few_events_arrive_within_the_max_delay(
 ) -> None:
     """Defaults everywhere (flush interval 60 s, cooldown 1 s, max delay 2 s, one worker); no beat at
     all, so nothing but the client's delayed flush can move five events far below the batch size."""
-    defaults = Settings()
-    settings = db_settings.replace(
-        broker_url=broker.url,
-        analytics_backlog_trigger=True,
-        analytics_backlog_trigger_cooldown=defaults.analytics_backlog_trigger_cooldown,
-        analytics_max_delay=defaults.analytics_max_delay,
-    )
+    settings = _shipped_timing(db_settings, broker)
     with celery_worker(tmp_path, _worker_env(settings, broker), beat=False) as worker:
         async with AnalyticsClient(settings) as client:
             loop = asyncio.get_running_loop()
@@ -237,13 +224,7 @@ async def test_many_clients_at_once_send_at_most_one_flush_per_cooldown_and_ever
     """Six clients push ~1,200 events/s between them for 4 s on the defaults (cooldown 1 s, max
     delay 2 s), one worker, no beat: the worker gets at most one backlog flush per cooldown (plus the
     first one) and one delayed flush per max delay, and every event is stored soon after the last."""
-    defaults = Settings()
-    settings = db_settings.replace(
-        broker_url=broker.url,
-        analytics_backlog_trigger=True,
-        analytics_backlog_trigger_cooldown=defaults.analytics_backlog_trigger_cooldown,
-        analytics_max_delay=defaults.analytics_max_delay,
-    )
+    settings = _shipped_timing(db_settings, broker)
     clients = [AnalyticsClient(settings) for _ in range(6)]
     with celery_worker(tmp_path, _worker_env(settings, broker), beat=False) as worker:
         loop = asyncio.get_running_loop()
