@@ -1,22 +1,33 @@
 """What a client does after each acknowledged push: report events dropped by the cap, and send the
-flush task when the queue has reached a batch (the backlog trigger).
+flush task so that queued events reach PostgreSQL within a bounded time (see :mod:`._debounce`):
+
+- the backlog trigger: a push that makes the queue reach a batch sends a flush now, or, inside the
+  cooldown, schedules one for the cooldown's end (a debounce with a trailing edge);
+- the max delay: a flush is always due within ``analytics_max_delay`` seconds of any push.
 
 Both run on the client's loop, called by the group commit (:class:`._batcher.GroupCommit`) once per
-acknowledged MULTI, never per event; the flush task is sent from a background task so that no
-``track()`` waits for the broker. They log through the client's logger (``analytics_sdk._client``):
-these warnings are the client's, and applications filter on that name.
+acknowledged MULTI, never per event. On that path they cost a clock read and two comparisons: the
+Redis script that decides and the send go to a background task, and only when a local gate has
+passed, which each reply moves to the time the decided flush runs, so a client asks a few times per
+cooldown or max delay, however fast it pushes. No ``track()`` waits for Redis's decision or for the
+broker. They log through the client's logger (``analytics_sdk._client``): these warnings are the
+client's, and applications filter on that name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio.to_thread
 import redis.asyncio as aioredis
 
+from ._debounce import Decision, reserve_backlog_flush, reserve_delayed_flush
 from ._keys import QueueKeys
 from ._queue import PushResult
 from ._sender import TaskSender
@@ -38,7 +49,10 @@ class AfterPush:
         self.keys = keys
         self._sender = sender
         self.background: set[asyncio.Task[Any]] = set()
-        self._trigger_after = 0.0  # monotonic time before which no backlog flush is attempted
+        # Monotonic times before which this client need not ask Redis again (inf: a request is out).
+        self._trigger_after = 0.0
+        self._delay_after = 0.0
+        self._send_failing = False  # the last send failed: further failures are not logged again
         self._dropped_unlogged = 0
         self._drop_logged_at = 0.0
 
@@ -46,24 +60,37 @@ class AfterPush:
         settings = self.settings
         if result.dropped:
             self._note_dropped(result.dropped)
-        if settings.analytics_backlog_trigger and result.length >= settings.analytics_batch_size:
-            now = time.monotonic()
-            if now >= self._trigger_after:
-                self._trigger_after = now + settings.analytics_backlog_trigger_cooldown
-                task = asyncio.get_running_loop().create_task(self._trigger_flush(client))
-                self.background.add(task)
-                task.add_done_callback(self.background.discard)
+        if not settings.analytics_backlog_trigger:
+            return
+        now = time.monotonic()
+        if now >= self._trigger_after and result.length >= settings.analytics_batch_size:
+            self._trigger_after = math.inf
+            self._spawn(self._backlog_flush(client))
+        if now >= self._delay_after and settings.analytics_max_delay > 0:
+            self._delay_after = math.inf
+            self._spawn(self._delayed_flush(client))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def stop(self) -> None:
-        """Cancel the flush sends still running (the client is closing) and wait for them to end."""
+        """The client is closing: let the flush requests already out finish, within the publish
+        timeout (the events just tracked may depend on one: a short-lived process must not leave them
+        to beat), then cancel what is left and wait for it to end."""
+        if self.background:
+            await asyncio.wait(self.background, timeout=self.settings.analytics_publish_timeout)
         for task in list(self.background):
             task.cancel()
         if self.background:
             await asyncio.wait(self.background)
 
     def forget(self) -> None:
-        """Their loop is gone (or this is a forked child): the tasks are not ours to finish."""
+        """Their loop is gone (or this is a forked child): the tasks are not ours to finish, and a
+        request they had out will not move the gates, so the next push may ask again."""
         self.background.clear()
+        self._trigger_after = self._delay_after = 0.0
 
     def _note_dropped(self, count: int) -> None:
         # Rate-limited: a queue at its cap drops on every push; the exact total is in the counter.
@@ -84,11 +111,52 @@ class AfterPush:
             )
             self._dropped_unlogged = 0
 
-    async def _trigger_flush(self, client: aioredis.Redis) -> None:
-        cooldown_ms = int(self.settings.analytics_backlog_trigger_cooldown * 1000)
+    async def _backlog_flush(self, client: aioredis.Redis) -> None:
+        cooldown = self.settings.analytics_backlog_trigger_cooldown
+        wait = cooldown  # after a failure: the next push past the threshold asks again in a cooldown
         try:
-            if await client.set(self.keys.flush_cooldown, b"1", nx=True, px=cooldown_ms):
-                task_id = await anyio.to_thread.run_sync(self._sender.send)
-                self._logger.debug("backlog: sent flush task %s", task_id)
+            decision, seconds = await reserve_backlog_flush(client, self.keys, cooldown)
+            if decision is Decision.NOW:
+                # The next push past the threshold asks again: inside this window it schedules the
+                # trailing flush, which covers what this one's drain will not see.
+                wait = 0.0
+                await self._send("backlog", None)
+            elif decision is Decision.TRAILING:
+                wait = seconds
+                await self._send("trailing", seconds)
+            else:  # a trailing flush is scheduled already: it covers every push until it runs
+                wait = seconds
         except Exception as exc:  # the events are safe in Redis; beat will flush them
-            self._logger.warning("could not send a backlog flush (beat will drain instead): %s", exc)
+            self._send_failed(exc)
+        finally:
+            self._trigger_after = time.monotonic() + wait
+
+    async def _delayed_flush(self, client: aioredis.Redis) -> None:
+        delay = self.settings.analytics_max_delay
+        wait = delay
+        try:
+            pending = await reserve_delayed_flush(client, self.keys, delay)
+            if pending:
+                wait = pending  # the pending flush runs after every push until then
+            else:
+                await self._send("delayed", delay)
+        except Exception as exc:
+            self._send_failed(exc)
+        finally:
+            self._delay_after = time.monotonic() + wait
+
+    async def _send(self, kind: str, countdown: float | None) -> None:
+        send = functools.partial(self._sender.send, countdown=countdown)
+        task_id = await anyio.to_thread.run_sync(send)
+        if self._send_failing:
+            self._send_failing = False
+            self._logger.info("the broker takes flush tasks again")
+        self._logger.debug("%s: sent flush task %s (countdown %s)", kind, task_id, countdown)
+
+    def _send_failed(self, exc: Exception) -> None:
+        # Once per outage: with the broker down every cooldown and max delay would warn again.
+        if self._send_failing:
+            self._logger.debug("could not send a backlog flush: %s", exc)
+            return
+        self._send_failing = True
+        self._logger.warning("could not send a backlog flush (beat will drain instead): %s", exc)

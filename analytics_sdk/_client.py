@@ -266,6 +266,7 @@ class AnalyticsClient:
             self._batcher.forget()
             self._breaker.forget()
             self._sizes.forget()
+            self._after_push.forget()
         self._forks = _forks[0]
         if self._redis is None:
             # No hidden retry: our own bounded one (_breaker.push_with_retry) is the only one, so its

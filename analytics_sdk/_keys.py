@@ -67,6 +67,19 @@ class QueueKeys:
 
     @property
     def flush_cooldown(self) -> str:
-        # string with PX: set NX by the client that sends a backlog-triggered flush, so a burst
-        # from many clients sends one task per cooldown, not one per push
+        # string with PX: the open cooldown window of the backlog trigger (a debounce): the client
+        # that opens it sends a flush now; a suppressed trigger schedules one flush for the window's
+        # end, which opens the next window ("trailing:<ms>" says one is scheduled), so a burst from
+        # many clients sends one task per cooldown, not one per push
         return f"{self.prefix}:flush:cooldown"
+
+    @property
+    def flush_delay(self) -> str:
+        # string with PX: set NX by the client that schedules a flush at the end of
+        # analytics_max_delay; while it lives, every newer event is covered by that flush
+        return f"{self.prefix}:flush:delay"
+
+    @property
+    def flush_requests(self) -> str:
+        # hash: how many flushes the clients asked for, by kind (now, trailing, delayed)
+        return f"{self.prefix}:flush:requests"

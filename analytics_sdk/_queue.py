@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from . import _lua
 from ._keys import QueueKeys
@@ -25,6 +26,7 @@ __all__ = [
     "QueueKeys",
     "ack",
     "claim",
+    "claim_many",
     "dead_letter_entry",
     "expired_leases",
     "mark_reclaims",
@@ -100,6 +102,29 @@ async def claim(
         client, [keys.queue, keys.leases, keys.inflight(batch_id), keys.owners], [count, batch_id, token]
     )
     return Claim(batch_id, list(items or []), 0, token)
+
+
+async def claim_many(
+    client: aioredis.Redis, keys: QueueKeys, count: int, attempts: Sequence[tuple[str, str]]
+) -> list[Claim]:
+    """:func:`claim` once per ``(batch_id, token)`` in ``attempts``, all in one round trip (a pipeline:
+    Redis runs the scripts one after another); one :class:`Claim` each, in order, those after the queue
+    ran empty without items (and without a lease). Each is the same idempotent script as :func:`claim`:
+    after an error, run the same attempts again or release them."""
+    async with client.pipeline(transaction=False) as pipe:
+        for batch_id, token in attempts:
+            script_keys = [keys.queue, keys.leases, keys.inflight(batch_id), keys.owners]
+            pipe.evalsha(_lua.CLAIM.sha, len(script_keys), *script_keys, count, batch_id, token)
+        replies = await pipe.execute(raise_on_error=False)
+    claims: list[Claim] = []
+    for (batch_id, token), reply in zip(attempts, replies, strict=True):
+        if isinstance(reply, NoScriptError):  # a restarted server: claim() sends the body (idempotent)
+            claims.append(await claim(client, keys, count, batch_id, token))
+        elif isinstance(reply, BaseException):
+            raise reply
+        else:
+            claims.append(Claim(batch_id, list(reply or []), 0, token))
+    return claims
 
 
 async def expired_leases(

@@ -49,11 +49,13 @@ class TaskSender:
                     self._app, self._pid = app, os.getpid()
         return self._app
 
-    def send(self, **kwargs: Any) -> str:
-        """Send ``flush_analytics_events`` to the ``analytics`` queue; return the task id."""
+    def send(self, countdown: float | None = None, **kwargs: Any) -> str:
+        """Send ``flush_analytics_events`` to the ``analytics`` queue, to run now or ``countdown``
+        seconds from now; return the task id."""
         result = self._get_app().send_task(
             FLUSH_TASK,
             kwargs=kwargs,
+            countdown=countdown,
             queue=FLUSH_QUEUE,
             expires=FLUSH_EXPIRES,
             retry=True,

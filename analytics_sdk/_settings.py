@@ -92,6 +92,9 @@ class Settings:
     analytics_backlog_trigger: bool = True
     #: At most one backlog-triggered flush per this many seconds, across all clients.
     analytics_backlog_trigger_cooldown: float = 1.0
+    #: With the backlog trigger on: the longest a queued event waits for a flush to be due, in
+    #: seconds, at any rate (a client schedules one that many seconds ahead). 0: beat alone.
+    analytics_max_delay: float = 2.0
     #: Redis socket timeout (seconds) and how often a failed push is retried.
     analytics_redis_timeout: float = 5.0
     analytics_publish_retries: int = 3
@@ -137,6 +140,7 @@ class Settings:
             _positive(name, getattr(self, name))
         _positive("analytics_backlog_trigger_cooldown", self.analytics_backlog_trigger_cooldown)
         _positive("analytics_publish_retries", self.analytics_publish_retries, allow_zero=True)
+        _positive("analytics_max_delay", self.analytics_max_delay, allow_zero=True)
         _positive("redis_db", self.redis_db, allow_zero=True)
         _positive("analytics_retention_days", self.analytics_retention_days, allow_zero=True)
         if self.analytics_partition_interval not in ("month", "week", "day"):

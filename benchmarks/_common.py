@@ -35,7 +35,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 5, 60_000, 3_000, 200, 1_000, 30_000, 8_000, 200_000, 100_000, 30.0, 1_000),
+    "full": Mode("full", 5, 60_000, 3_000, 200, 1_000, 30_000, 8_000, 200_000, 100_000, 20.0, 1_000),
     "quick": Mode("quick", 5, 8_000, 600, 30, 300, 3_000, 2_000, 10_000, 20_000, 8.0, 1_000),
     # The smoke test's mode: proves every code path runs, measures nothing worth reading.
     "tiny": Mode("tiny", 1, 600, 120, 3, 20, 300, 160, 600, 500, 2.0, 200),

@@ -3,7 +3,8 @@
 Each run starts from an empty table. Contenders, interleaved within each repeat:
 - drain B/T: ``bridge.drain.drain()`` on a queue of N events (claims of B = analytics_batch_size,
   transactions of T = analytics_insert_batch_size rows); the clock covers the whole call: connect,
-  claim (Lua), decode and re-validate every event, COPY -> staging -> INSERT ... ON CONFLICT, ack;
+  claim (Lua; the rest of a transaction's claims pipelined), decode and re-validate every event, COPY
+  straight into the table (fresh events; the staging path when PostgreSQL refuses any), ack;
 - raw COPY B: ``copy_records_to_table`` of the same rows, pre-built in memory, B rows per transaction,
   straight into analytics_events (no Redis, no decoding, no conflict handling);
 - executemany B: ``INSERT ... VALUES ($1..$11)`` of the same rows, B rows per transaction.
@@ -195,19 +196,24 @@ def run(ctx: Context) -> Section:
         ["-", "diag: decode() alone (orjson + re-validation), 1 thread", fmt_rate(decoded.rate), ""]
     )
     section.data = {name: summary.as_dict() for name, summary in s.items()}
+    # Issue 13's targets: 0.7x like for like at 1,000 rows per transaction, 0.85x as shipped (claims
+    # of 100 = ANALYTICS_BATCH_SIZE, 5,000 rows per transaction) against COPY at the claim size.
+    like_target = {100: 0.5, 1_000: 0.7}
+    shipped_target = {100: 0.85, 1_000: 0.5}
     section.checks = [
         Check(
             f"drain / raw COPY at batch {b:,} (claim = txn = {b:,})",
             s[f"drain {b}/{b}"].rate / s[f"copy {b}"].rate,
-            0.5,
+            like_target[b],
         )
         for b in BATCH_SIZES
     ]
     section.checks += [
         Check(
-            f"drain as shipped (claim {b:,}, txn {DEFAULT_TRANSACTION:,}) / raw COPY at {b:,}",
+            f"drain {'as shipped ' if b == 100 else ''}(claim {b:,}, txn {DEFAULT_TRANSACTION:,}) "
+            f"/ raw COPY at {b:,}",
             s[f"drain {b}/{DEFAULT_TRANSACTION}"].rate / s[f"copy {b}"].rate,
-            0.5,
+            shipped_target[b],
         )
         for b in BATCH_SIZES
     ]

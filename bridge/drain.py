@@ -12,8 +12,10 @@ Order of work:
    before it is tried, so the next crash incriminates exactly one event, which is then dead-lettered.
 2. Fresh claims of ``analytics_batch_size`` events are gathered until ``analytics_insert_batch_size``
    rows are in hand (claim size and transaction size are separate knobs: the first bounds what one
-   crash leaves in flight, the second sets insert throughput), inserted, and acked together after
-   the COMMIT, in one allow-oom script that also writes their dead letters and counters.
+   crash leaves in flight, the second sets insert throughput; :mod:`bridge._groups` takes them in
+   two round trips), inserted (COPYed straight into the table, :mod:`bridge._straight`, or through
+   the staging table when PostgreSQL refuses any of them), and acked together after the COMMIT, in
+   one allow-oom script that also writes their dead letters and counters.
 
 Failures (handled by :class:`bridge._writer.BatchWriter`): an event that does not decode is
 dead-lettered with its reason. A data error (SQLSTATE 22/23) bisects the rows until each bad one
@@ -39,11 +41,9 @@ from redis.exceptions import ResponseError
 from analytics_sdk._queue import (
     Claim,
     QueueKeys,
-    claim,
     dead_letter_entry,
     expired_leases,
     mark_reclaims,
-    new_token,
     split_lease,
     take_over,
 )
@@ -51,6 +51,7 @@ from analytics_sdk._redis import redis_client
 from analytics_sdk._settings import Settings
 
 from . import _failpoints, _shutdown
+from ._groups import claim_group
 from ._leases import settle_unfinished
 from ._writer import BatchWriter, DrainSummary
 from .store import InsertResult, close, connect
@@ -156,9 +157,9 @@ class _Drain(BatchWriter):
     async def claim_fresh(self) -> None:
         """Claim, decode, insert, ack until the queue is empty or the budget is spent.
 
-        Pipelined by one group: while group k is in PostgreSQL (its COPY, INSERT and COMMIT run in
-        the server's process), group k+1 is claimed and decoded here, so decoding and the database
-        work overlap instead of adding up. At most two groups are in flight at any time.
+        Pipelined by one group: while group k is in PostgreSQL (its COPY and COMMIT run in the
+        server's process), group k+1 is claimed and decoded here, so decoding and the database work
+        overlap instead of adding up. At most two groups are in flight at any time.
         """
         pending: asyncio.Task[None] | None = None
         try:
@@ -166,7 +167,7 @@ class _Drain(BatchWriter):
                 if _shutdown.stop_requested():
                     self.summary.stopped = True
                     break
-                claims, exhausted = await self._claim_group()
+                claims, exhausted = await claim_group(self)
                 if claims:
                     _failpoints.hit("after_claim")
                     decoded = await self.decode_yielding(claims)
@@ -182,7 +183,7 @@ class _Drain(BatchWriter):
                         await self.release(claims)
                         self.summary.stopped = True
                         break
-                    pending = asyncio.create_task(self.store(claims, decoded))
+                    pending = asyncio.create_task(self.store(claims, decoded, fresh=True))
                 if exhausted:
                     break
                 if self.out_of_time():
@@ -195,29 +196,6 @@ class _Drain(BatchWriter):
                 # Claiming failed while a group was in the database: let that group commit and ack.
                 with contextlib.suppress(BaseException):
                     await pending
-
-    async def _claim_group(self) -> tuple[list[Claim], bool]:
-        """Claims of ``analytics_batch_size`` until a transaction's worth of rows; True if drained."""
-        size = self.settings.analytics_batch_size
-        per_transaction = max(size, self.settings.analytics_insert_batch_size)
-        claims: list[Claim] = []
-        rows = 0
-        while rows < per_transaction:
-            attempt = Claim(uuid.uuid4().hex, [], 0, new_token())
-            try:
-                taken = await claim(self.redis, self.keys, size, attempt.batch_id, attempt.token)
-            except BaseException:
-                # The claim may have run with its reply lost: give back whatever it took, and the
-                # claims already in hand, so they are not stranded until their leases expire.
-                await self.release([*claims, attempt])
-                raise
-            if taken.items:
-                claims.append(taken)
-                self.keeper.hold([taken])
-                rows += len(taken.items)
-            if len(taken.items) < size:
-                return claims, True
-        return claims, False
 
 
 async def drain(

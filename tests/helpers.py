@@ -38,3 +38,14 @@ def wait_for_sync(
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout}s: {message or predicate}")
         time.sleep(interval)
+
+
+async def row_count(database_url: str) -> int:
+    """Rows in analytics_events, over a connection of its own (for polling from any test)."""
+    import asyncpg  # the bridge's driver: only the tests that poll PostgreSQL need it
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM analytics_events"))
+    finally:
+        await conn.close()

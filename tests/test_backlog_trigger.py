@@ -1,6 +1,7 @@
-"""Backlog trigger (issue 3 §6): a push that makes the queue reach analytics_batch_size sends
-flush_analytics_events, at most once per cooldown across all clients (SET NX PX), and a real worker
-then drains without any beat.
+"""Backlog trigger (issue 3 §6, issue 13 §6): a push that makes the queue reach analytics_batch_size
+sends flush_analytics_events, at most once per cooldown across all clients; a trigger the cooldown
+suppresses schedules one flush for the cooldown's end (a debounce with a trailing edge); a real
+worker then drains without any beat.
 
 The broker is a throwaway redis-server per test, so the Celery queue "analytics" holds only the
 messages this test caused; the events themselves go to the shared Redis under the test's prefix.
@@ -13,6 +14,7 @@ import base64
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +26,13 @@ from analytics_sdk import AnalyticsClient, Settings
 from analytics_sdk._queue import QueueKeys
 from tests.helpers import wait_for
 from tests.servers import RedisServer, free_port
-from tests.worker_proc import LOOP_ERRORS, celery_worker, private_broker
+from tests.worker_proc import LOOP_ERRORS, broker_messages, celery_worker, private_broker
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RedisServer]:
     with private_broker(tmp_path) as server:
         yield server
-
-
-def _messages(broker: RedisServer) -> list[dict[str, Any]]:
-    with broker.client() as client:
-        return [json.loads(raw) for raw in client.lrange("analytics", 0, -1)]
 
 
 async def _settled(client: AnalyticsClient) -> None:
@@ -50,7 +47,13 @@ def trigger_settings(settings: Settings, broker: RedisServer) -> Settings:
         analytics_backlog_trigger=True,
         analytics_batch_size=10,
         analytics_backlog_trigger_cooldown=30.0,  # long: nothing may slip past it during the test
+        analytics_max_delay=0.0,  # the trigger alone (tests/test_flush_timing.py has the max delay)
     )
+
+
+def _eta(message: dict[str, Any]) -> str | None:
+    eta: str | None = message["headers"].get("eta")
+    return eta
 
 
 async def test_below_the_batch_size_sends_nothing(trigger_settings: Settings, broker: RedisServer) -> None:
@@ -58,7 +61,7 @@ async def test_below_the_batch_size_sends_nothing(trigger_settings: Settings, br
         for i in range(9):
             await client.track("x", user_id=str(i))
         await _settled(client)
-    assert _messages(broker) == []
+    assert broker_messages(broker) == []
 
 
 async def test_reaching_the_batch_size_sends_one_flush_task(
@@ -67,9 +70,9 @@ async def test_reaching_the_batch_size_sends_one_flush_task(
     async with AnalyticsClient(trigger_settings) as client:
         for i in range(10):
             await client.track("x", user_id=str(i))
-        await wait_for(lambda: len(_messages(broker)) == 1, timeout=10, message="no flush task sent")
+        await wait_for(lambda: len(broker_messages(broker)) == 1, timeout=10, message="no flush task sent")
         await _settled(client)
-    [message] = _messages(broker)
+    [message] = broker_messages(broker)
     assert message["headers"]["task"] == "flush_analytics_events"
     assert message["content-type"] == "application/json"
     assert message["properties"]["delivery_info"]["routing_key"] == "analytics"
@@ -78,7 +81,7 @@ async def test_reaching_the_batch_size_sends_one_flush_task(
     assert 0 < await redis_client.pttl(cooldown) <= 30_000
 
 
-async def test_a_burst_from_many_clients_sends_one_task_per_cooldown(
+async def test_a_burst_from_many_clients_sends_one_task_now_and_one_at_the_cooldowns_end(
     trigger_settings: Settings, broker: RedisServer, redis_client: aioredis.Redis
 ) -> None:
     clients = [AnalyticsClient(trigger_settings) for _ in range(4)]
@@ -94,13 +97,21 @@ async def test_a_burst_from_many_clients_sends_one_task_per_cooldown(
     finally:
         for client in clients:
             await client.aclose()
-    assert len(_messages(broker)) == 1
+    # The debounce: the first push past the threshold sends one now; the suppressed ones schedule
+    # exactly one more, for the end of the cooldown (none dropped, none doubled across clients).
+    now, trailing = sorted(broker_messages(broker), key=lambda m: _eta(m) or "")
+    assert _eta(now) is None
+    eta = _eta(trailing)
+    assert eta is not None
+    ahead = (datetime.fromisoformat(eta) - datetime.now(UTC)).total_seconds()
+    assert 20 < ahead <= 30, ahead
     # once the cooldown key is gone, the next push past the threshold sends again
     await redis_client.delete(QueueKeys(trigger_settings.analytics_key_prefix).flush_cooldown)
     async with AnalyticsClient(trigger_settings) as client:
         await client.track("after-cooldown")
-        await wait_for(lambda: len(_messages(broker)) == 2, timeout=10, message="no second flush task")
+        await wait_for(lambda: len(broker_messages(broker)) == 3, timeout=10, message="no third flush task")
         await _settled(client)
+    assert sum(_eta(m) is None for m in broker_messages(broker)) == 2, "a new window: sent now"
 
 
 async def test_trigger_off_sends_nothing(
@@ -110,7 +121,7 @@ async def test_trigger_off_sends_nothing(
     async with AnalyticsClient(off) as client:
         await client.track_many([{"event_type": "x"} for _ in range(100)])
         await _settled(client)
-    assert _messages(broker) == []
+    assert broker_messages(broker) == []
     assert not await redis_client.exists(QueueKeys(off.analytics_key_prefix).flush_cooldown)
 
 

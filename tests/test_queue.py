@@ -21,9 +21,11 @@ from analytics_sdk._queue import (
     QueueKeys,
     ack,
     claim,
+    claim_many,
     dead_letter_entry,
     expired_leases,
     mark_reclaims,
+    new_token,
     push,
     split_lease,
     take_over,
@@ -78,6 +80,8 @@ def test_key_names() -> None:
     assert keys.dropped == "{app}:events:dropped"
     assert keys.stats == "{app}:stats"
     assert keys.flush_cooldown == "{app}:flush:cooldown"
+    assert keys.flush_delay == "{app}:flush:delay"
+    assert keys.flush_requests == "{app}:flush:requests"
     assert QueueKeys().queue == "analytics:events:batch"
 
 
@@ -481,3 +485,55 @@ async def test_batch_ids_are_free_form(redis_client: aioredis.Redis, keys: Queue
     assert taken is not None and taken.items == first.items
     assert await ack(redis_client, keys, [taken]) == [True]
     assert not await redis_client.exists(keys.inflight(odd), keys.leases, keys.owners)
+
+
+# -- claim_many: a transaction's claims in one round trip, each the same idempotent claim script ---------
+
+
+CM = QueueKeys("cm")
+
+
+def _attempts(n: int, tag: str = "b") -> list[tuple[str, str]]:
+    return [(f"{tag}{i}", new_token()) for i in range(n)]
+
+
+async def test_claims_in_order_until_the_queue_is_empty(own_redis: aioredis.Redis) -> None:
+    payloads = [f"e{i}".encode() for i in range(250)]
+    await push(own_redis, CM, payloads, cap=1000)
+    attempts = _attempts(5)
+    claims = await claim_many(own_redis, CM, 100, attempts)
+    assert [c.batch_id for c in claims] == [b for b, _ in attempts]
+    assert [c.token for c in claims] == [t for _, t in attempts]
+    assert [len(c.items) for c in claims] == [100, 100, 50, 0, 0]
+    assert [raw for c in claims for raw in c.items] == payloads  # oldest first, none twice
+    # Leases (and owners) only for the claims that took something.
+    leased = {m.decode() for m in await own_redis.zrange(CM.leases, 0, -1)}
+    assert leased == {"b0", "b1", "b2"}
+    assert await own_redis.llen(CM.queue) == 0
+
+
+async def test_the_same_attempts_again_pop_nothing_more(own_redis: aioredis.Redis) -> None:
+    """A pipeline whose reply was lost is sent again: each claim hands back what it took."""
+    await push(own_redis, CM, [f"e{i}".encode() for i in range(150)], cap=1000)
+    attempts = _attempts(3)
+    first = await claim_many(own_redis, CM, 100, attempts)
+    await push(own_redis, CM, [b"later"], cap=1000)
+    again = await claim_many(own_redis, CM, 100, attempts)
+    assert [c.items for c in again[:2]] == [c.items for c in first[:2]]
+    # The third took nothing the first time (no lease): now it claims what arrived since.
+    assert again[2].items == [b"later"]
+    assert await own_redis.llen(CM.queue) == 0
+
+
+async def test_one_round_trip_and_a_restarted_servers_empty_script_cache(own_redis: aioredis.Redis) -> None:
+    await push(own_redis, CM, [f"e{i}".encode() for i in range(400)], cap=1000)
+    await claim_many(own_redis, CM, 100, _attempts(1, "warm"))  # loads the script
+    await own_redis.config_resetstat()
+    claims = await claim_many(own_redis, CM, 100, _attempts(2))
+    stats = await own_redis.info("commandstats")
+    assert int(stats["cmdstat_evalsha"]["calls"]) == 2
+    assert [len(c.items) for c in claims] == [100, 100]
+    await own_redis.script_flush()  # as after a restart or a failover: EVALSHA answers NOSCRIPT
+    [last] = await claim_many(own_redis, CM, 100, _attempts(1, "after"))
+    assert len(last.items) == 100
+    assert await own_redis.llen(CM.queue) == 0

@@ -7,6 +7,7 @@ takes its pool children with it, and nothing else. Its output goes to a log file
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +104,9 @@ def private_broker(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def broker_messages(broker: RedisServer) -> list[dict[str, Any]]:
+    """The Celery messages waiting in a private broker's "analytics" queue, newest first."""
+    with broker.client() as client:
+        return [json.loads(raw) for raw in client.lrange("analytics", 0, -1)]
