@@ -144,7 +144,8 @@ class ThrowawayCluster:
         create = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"]
         done = subprocess.run(create, capture_output=True, text=True, timeout=FORM_TIMEOUT, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}): {done.stdout[-2000:]}")
+            output = (done.stdout + done.stderr)[-2000:]
+            raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}): {output}")
         self.wait_healthy()
 
     def _start_node(self) -> RedisServer:
@@ -174,6 +175,11 @@ class ThrowawayCluster:
             server.stop()
 
     # -- topology (read live) --------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """A URL of the first node (the cluster clients discover the rest from it)."""
+        return f"redis://{HOST}:{self.servers[0].port}/0"
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
