@@ -67,7 +67,7 @@ class NodeInfo:
         return "fail" in self.flags or "fail?" in self.flags
 
     def owns(self, slot: int) -> bool:
-        return any(first <= slot <= last for first, last in self.slots)
+        return _in(self.slots, slot)
 
 
 def _parse_nodes(text: str) -> list[NodeInfo]:
@@ -147,6 +147,31 @@ class ThrowawayCluster:
             output = (done.stdout + done.stderr)[-2000:]
             raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}): {output}")
         self.wait_healthy()
+        self._prime_replicas()
+
+    def _prime_replicas(self) -> None:
+        # Redis hides a replica from CLUSTER SLOTS (what clients read the topology from) while its
+        # replication offset is 0, i.e. until its primary has written something: write once to each
+        # primary, then wait until every node lists a replica for every slot range.
+        for primary in self.primaries():
+            owned = next(n.slots for n in self.nodes() if n.port == primary.port)
+            key = next(
+                f"cluster-ready:{i}"
+                for i in range(100_000)
+                if _in(owned, key_slot(f"cluster-ready:{i}".encode()))
+            )
+            with primary.client() as client:
+                client.set(key, b"1")
+
+        def replicas_listed() -> bool | None:
+            for server in self.live():
+                with server.client() as client:
+                    ranges = client.execute_command("CLUSTER", "SLOTS")
+                if len(ranges) < 3 or any(len(entry) < 4 for entry in ranges):
+                    return None
+            return True
+
+        poll("every node to list a replica for every slot range", replicas_listed, FORM_TIMEOUT)
 
     def _start_node(self) -> RedisServer:
         last_error: Exception | None = None
@@ -283,6 +308,10 @@ class ThrowawayCluster:
             return owner if owner.port != killed.port and owner.running else None
 
         return poll(f"a replica of {killed} to be promoted", promoted, timeout)
+
+
+def _in(ranges: tuple[tuple[int, int], ...], slot: int) -> bool:
+    return any(first <= slot <= last for first, last in ranges)
 
 
 def start_cluster(directory: Path, *, node_timeout_ms: int = NODE_TIMEOUT_MS) -> ThrowawayCluster:
