@@ -285,6 +285,27 @@ class ThrowawayCluster:
     def _owners(self, nodes: list[NodeInfo]) -> tuple[tuple[int, tuple[tuple[int, int], ...]], ...]:
         return tuple(sorted((n.port, n.slots) for n in nodes if n.is_primary and not n.failed and n.slots))
 
+    def move_empty_slot(self, slot: int, to: RedisServer) -> None:
+        """Hand an empty slot to the primary ``to`` (CLUSTER SETSLOT ... NODE on every primary, the
+        new owner first) and wait until every node agrees: clients that cached the old owner then
+        get MOVED."""
+        nodes = self.nodes()
+        target = next(n.node_id for n in nodes if n.port == to.port)
+        owner = self.primary_for_slot(slot)
+        order = [to, owner, *(p for p in self.primaries() if p not in (to, owner))]
+        for primary in order:
+            with primary.client() as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+
+        def agreed() -> bool | None:
+            for server in self.live():
+                owners = [n.port for n in self.nodes(via=server) if n.is_primary and n.owns(slot)]
+                if owners != [to.port]:
+                    return None
+            return True
+
+        poll(f"every node to see slot {slot} on {to}", agreed, FORM_TIMEOUT)
+
     def kill(self, server: RedisServer) -> None:
         """SIGKILL one node (a crash: no shutdown, no failover handshake). The slots it owned are
         remembered for :meth:`wait_for_promotion`."""

@@ -16,7 +16,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.crc import key_slot
+from redis.exceptions import MovedError, RedisClusterException
 
 from analytics_sdk import Settings, _lua, _queue
 from analytics_sdk._exceptions import ConfigurationError
@@ -89,6 +90,45 @@ async def test_replicated_counts_the_replica_of_the_shards_node(cluster_redis: R
     await _queue.push(cluster_redis, keys, [b"event"], 100)  # type: ignore[arg-type]
     assert await replicated(cluster_redis, keys, 1, 5.0) == 1
     assert await replicated(cluster_redis, keys, 0, 5.0) == 0  # nothing asked, no round trip
+
+
+async def test_a_stale_client_follows_moved_but_a_multi_fails_once(
+    redis_cluster: ThrowawayCluster,  # noqa: F811
+    cluster_redis: RedisCluster,
+) -> None:
+    keys = shard_keys(prefix(), 6)[1]
+    slot = key_slot(keys.queue.encode())
+    home = redis_cluster.primary_for_slot(slot)
+    away = next(p for p in redis_cluster.primaries() if p.port != home.port)
+    await cluster_redis.initialize()  # caches home as the slot's owner
+
+    async def empty_the_slot() -> None:
+        async for key in cluster_redis.scan_iter(
+            match=f"{keys.prefix}*", target_nodes=RedisCluster.PRIMARIES
+        ):
+            await cluster_redis.delete(key)
+
+    try:
+        redis_cluster.move_empty_slot(slot, away)
+        # a script: EVALSHA gets MOVED (the server ran nothing) and is sent to the new owner
+        assert (await _queue.push(cluster_redis, keys, [b"e"], 100)).length == 1  # type: ignore[arg-type]
+        with away.client() as direct:
+            assert direct.llen(keys.queue) == 1
+        await empty_the_slot()
+
+        redis_cluster.move_empty_slot(slot, home)
+        # a MULTI: every queued command gets MOVED, EXEC aborts (nothing ran), and with no retry
+        # the MovedError reaches the caller once; the caller's next attempt goes to the new owner
+        with pytest.raises(MovedError):
+            async with cluster_redis.pipeline(transaction=True) as multi:
+                await multi.rpush(keys.queue, b"x").llen(keys.queue).execute()
+        async with cluster_redis.pipeline(transaction=True) as multi:
+            assert await multi.rpush(keys.queue, b"x").llen(keys.queue).execute() == [1, 1]
+        with home.client() as direct:
+            assert direct.llen(keys.queue) == 1
+    finally:
+        await empty_the_slot()
+        redis_cluster.move_empty_slot(slot, home)
 
 
 def test_the_sync_cluster_client_reaches_every_shard(redis_cluster: ThrowawayCluster) -> None:  # noqa: F811
