@@ -83,3 +83,19 @@ class QueueKeys:
     def flush_requests(self) -> str:
         # hash: how many flushes the clients asked for, by kind (now, trailing, delayed)
         return f"{self.prefix}:flush:requests"
+
+    @property
+    def shard_counts(self) -> str:
+        # set: every shard count K a producer has used with this prefix (read on the base prefix,
+        # QueueKeys(prefix), never on a shard's). A shard's tag depends on K (see _shards), so the
+        # drains visit the shards of every K recorded here until they are empty: changing K live
+        # strands nothing. Not hash-tagged: a single-key command, it may live on any node.
+        return f"{self.prefix}:shards:counts"
+
+    @property
+    def replication_fence(self) -> str:
+        # string with PX: written right before WAIT, on the same connection. WAIT counts the
+        # replicas holding the last write *of its own connection*; with a pool that may not be the
+        # connection that pushed, so a fresh write in the shard's slot stands in for the push
+        # (replication is in order: a replica holding the fence holds every earlier write)
+        return f"{self.prefix}:events:replicated"
