@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ._exceptions import ConfigurationError
+from ._shards import MAX_SHARDS as _MAX_SHARDS
 
 __all__ = ["Settings", "env_name", "parse_env", "redact_url"]
 
@@ -105,6 +106,21 @@ class Settings:
     #: development without Redis). ``ANALYTICS_ENABLED=false`` in the environment switches off every
     #: client of the process, whatever Settings it was made with (see :mod:`._disabled`).
     analytics_enabled: bool = True
+    #: Queue shards (K), each under its own Redis Cluster hash tag. 1 on a plain Redis keeps the one
+    #: list ``<prefix>:events:batch``. Change it live: drains visit the shards of every K ever used.
+    analytics_queue_shards: int = 1
+    #: True: the SDK, the drain and the CLI use redis-py's Redis Cluster client, starting from the
+    #: node in the Redis URL, then those of ``analytics_redis_cluster_nodes``.
+    analytics_redis_cluster: bool = False
+    #: More cluster startup nodes, ``host:port,host:port``: a process starting while the URL's node is
+    #: down still connects.
+    analytics_redis_cluster_nodes: str | None = None
+    #: Replicas that must hold a push before track() returns (Redis WAIT on the node that took it);
+    #: 0 returns on the primary's acknowledgement.
+    analytics_replica_acks: int = 0
+    #: Seconds a push waits for those replicas; then track() raises PublishError. Below the Redis
+    #: timeout (the WAIT runs on a socket with that timeout).
+    analytics_replica_ack_timeout: float = 1.0
     #: Width of each time partition of the events table: ``month``, ``week`` or ``day``.
     analytics_partition_interval: str = "month"
     #: Days of events to keep; the daily maintenance drops partitions wholly older. 0 keeps everything.
@@ -143,6 +159,31 @@ class Settings:
         _positive("analytics_max_delay", self.analytics_max_delay, allow_zero=True)
         _positive("redis_db", self.redis_db, allow_zero=True)
         _positive("analytics_retention_days", self.analytics_retention_days, allow_zero=True)
+        _positive("analytics_replica_acks", self.analytics_replica_acks, allow_zero=True)
+        _positive("analytics_replica_ack_timeout", self.analytics_replica_ack_timeout)
+        if not 1 <= self.analytics_queue_shards <= _MAX_SHARDS:
+            raise ConfigurationError(
+                env_name("analytics_queue_shards"),
+                self.analytics_queue_shards,
+                f"must be 1..{_MAX_SHARDS} (each shard then owns at least 16 of the 16,384 slots)",
+            )
+        if self.analytics_replica_acks and self.analytics_replica_ack_timeout >= self.analytics_redis_timeout:
+            raise ConfigurationError(
+                env_name("analytics_replica_ack_timeout"),
+                self.analytics_replica_ack_timeout,
+                f"must be below ANALYTICS_REDIS_TIMEOUT ({self.analytics_redis_timeout})",
+            )
+        if self.analytics_redis_cluster:
+            path = urlsplit(self.redis_dsn).path.strip("/")
+            if path not in ("", "0"):
+                variable = "redis_url" if self.redis_url else "redis_db"
+                shown = redact_url(self.redis_dsn) if self.redis_url else self.redis_db
+                raise ConfigurationError(
+                    env_name(variable),
+                    shown,
+                    "Redis Cluster has database 0 only (ANALYTICS_REDIS_CLUSTER=true)",
+                )
+        self.cluster_startup_nodes  # noqa: B018 -- raises ConfigurationError on a malformed list
         if self.analytics_partition_interval not in ("month", "week", "day"):
             raise ConfigurationError(
                 env_name("analytics_partition_interval"),
@@ -201,6 +242,24 @@ class Settings:
         auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
         host = f"[{self.redis_host}]" if ":" in self.redis_host else self.redis_host
         return f"redis://{auth}{host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def cluster_startup_nodes(self) -> tuple[tuple[str, int], ...]:
+        """``analytics_redis_cluster_nodes`` parsed: ``(host, port)`` pairs, in order."""
+        nodes: list[tuple[str, int]] = []
+        for item in (self.analytics_redis_cluster_nodes or "").split(","):
+            if not item.strip():
+                continue
+            host, _, port = item.strip().rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigurationError(
+                    env_name("analytics_redis_cluster_nodes"),
+                    self.analytics_redis_cluster_nodes,
+                    "must be host:port[,host:port...]",
+                )
+            nodes.append((host, int(port)))
+        return tuple(nodes)
 
     @property
     def broker_dsn(self) -> str:

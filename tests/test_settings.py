@@ -21,7 +21,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "redis_port": ("6380", 6380),
     "redis_password": (SECRET, SECRET),
     "redis_db": ("3", 3),
-    "redis_url": ("redis://cache:6390/2", "redis://cache:6390/2"),
+    "redis_url": ("redis://cache:6390/0", "redis://cache:6390/0"),
     "database_url": ("postgresql://app@db:5432/events", "postgresql://app@db:5432/events"),
     "broker_url": ("redis://broker:6379/9", "redis://broker:6379/9"),
     "analytics_batch_size": ("250", 250),
@@ -41,6 +41,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "analytics_publish_retries": ("0", 0),
     "analytics_publish_timeout": ("0.75", 0.75),
     "analytics_enabled": ("false", False),
+    "analytics_queue_shards": ("6", 6),
+    "analytics_redis_cluster": ("true", True),
+    "analytics_redis_cluster_nodes": ("10.0.0.2:7001,[::1]:7002", "10.0.0.2:7001,[::1]:7002"),
+    "analytics_replica_acks": ("1", 1),
+    "analytics_replica_ack_timeout": ("0.5", 0.5),
     "analytics_partition_interval": ("day", "day"),
     "analytics_retention_days": ("365", 365),
 }
@@ -77,6 +82,11 @@ def test_variable_names() -> None:
         "analytics_publish_retries": "ANALYTICS_PUBLISH_RETRIES",
         "analytics_publish_timeout": "ANALYTICS_PUBLISH_TIMEOUT",
         "analytics_enabled": "ANALYTICS_ENABLED",
+        "analytics_queue_shards": "ANALYTICS_QUEUE_SHARDS",
+        "analytics_redis_cluster": "ANALYTICS_REDIS_CLUSTER",
+        "analytics_redis_cluster_nodes": "ANALYTICS_REDIS_CLUSTER_NODES",
+        "analytics_replica_acks": "ANALYTICS_REPLICA_ACKS",
+        "analytics_replica_ack_timeout": "ANALYTICS_REPLICA_ACK_TIMEOUT",
         "analytics_partition_interval": "ANALYTICS_PARTITION_INTERVAL",
         "analytics_retention_days": "ANALYTICS_RETENTION_DAYS",
     }
@@ -357,10 +367,49 @@ def test_wrong_type_error_does_not_show_the_secret() -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("ANALYTICS_PARTITION_INTERVAL", "year"), ("ANALYTICS_RETENTION_DAYS", "-1")],
+    [
+        ("ANALYTICS_PARTITION_INTERVAL", "year"),
+        ("ANALYTICS_RETENTION_DAYS", "-1"),
+        ("ANALYTICS_QUEUE_SHARDS", "0"),
+        ("ANALYTICS_QUEUE_SHARDS", "1025"),
+        ("ANALYTICS_REPLICA_ACKS", "-1"),
+        ("ANALYTICS_REDIS_CLUSTER_NODES", "10.0.0.2"),
+        ("ANALYTICS_REDIS_CLUSTER_NODES", "10.0.0.2:http"),
+    ],
 )
-def test_partition_settings_refuse_bad_values_naming_the_variable(variable: str, value: str) -> None:
+def test_partition_and_shard_settings_refuse_bad_values_naming_the_variable(
+    variable: str, value: str
+) -> None:
     with pytest.raises(ConfigurationError) as caught:
         Settings.from_env({variable: value})
     assert variable in str(caught.value)
     assert value in str(caught.value)
+
+
+def test_cluster_refuses_a_database_other_than_0_naming_the_url() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env(
+            {"ANALYTICS_REDIS_CLUSTER": "true", "ANALYTICS_REDIS_URL": "redis://:s3cret@h:7000/2"}
+        )
+    assert "ANALYTICS_REDIS_URL" in str(caught.value)
+    assert "database 0" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    ok = Settings.from_env({"ANALYTICS_REDIS_CLUSTER": "true", "ANALYTICS_REDIS_URL": "redis://h:7000/0"})
+    assert ok.analytics_redis_cluster
+
+
+def test_replica_ack_timeout_must_be_below_the_redis_timeout() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env(
+            {
+                "ANALYTICS_REPLICA_ACKS": "1",
+                "ANALYTICS_REPLICA_ACK_TIMEOUT": "5",
+                "ANALYTICS_REDIS_TIMEOUT": "5",
+            }
+        )
+    assert "ANALYTICS_REPLICA_ACK_TIMEOUT" in str(caught.value)
+
+
+def test_cluster_startup_nodes_parse_in_order() -> None:
+    settings = Settings.from_env({"ANALYTICS_REDIS_CLUSTER_NODES": " 10.0.0.2:7001, [::1]:7002 ,"})
+    assert settings.cluster_startup_nodes == (("10.0.0.2", 7001), ("::1", 7002))
