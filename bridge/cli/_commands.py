@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-import orjson
+import msgspec
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._queue import QueueKeys
@@ -48,7 +48,7 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _echo_json(data: object) -> None:
-    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
