@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ._codec import decode, decode_many, encode_fields, validate  # after _schema: _metadata needs it
 from ._ids import new_event_id
-from ._schema import FIELD_LIMITS, FIELDS, WIRE_VERSION, Event, metadata_text, wire_schema
+from ._schema import FIELD_LIMITS, FIELDS, WIRE_VERSION, Event, metadata_text, wire_schema, wire_schema_json
 
 __all__ = [
     "FIELDS",
@@ -29,4 +29,5 @@ __all__ = [
     "new_event_id",
     "validate",
     "wire_schema",
+    "wire_schema_json",
 ]

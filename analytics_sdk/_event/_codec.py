@@ -86,7 +86,7 @@ def _fast(fields: Mapping[str, Any], limit: int, now: datetime | None) -> tuple[
     """The filled-in wire object and its bytes, or None when the rules must judge."""
     try:
         f = _convert(fields, _Fields)
-    except (msgspec.ValidationError, TypeError):
+    except Exception:  # refused, or a caller's object misbehaving under inspection: the rules say
         return None
     event_type, metadata, ip = f.event_type, f.event_metadata, f.ip_address
     if not event_type or event_type.isspace() or f.v:
@@ -102,6 +102,10 @@ def _fast(fields: Mapping[str, Any], limit: int, now: datetime | None) -> tuple[
             f.event_metadata = metadata = _decode_metadata(metadata)
         except msgspec.DecodeError:
             return None
+    else:
+        # The caller's own object is what gets written: convert() only checked it, reading a Decimal
+        # as a float on the way, where the encoder writes the Decimal's own digits.
+        f.event_metadata = metadata = fields["event_metadata"]
     if ip is not None:
         try:
             f.ip_address = parse_ip(ip)

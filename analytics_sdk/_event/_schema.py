@@ -30,6 +30,7 @@ __all__ = [
     "Wire",
     "metadata_text",
     "wire_schema",
+    "wire_schema_json",
 ]
 
 WIRE_VERSION = 1
@@ -144,7 +145,9 @@ class Wire(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 # decimal_format="number": a Decimal in metadata is written with its exact digits, never a float.
-ENCODER = msgspec.json.Encoder(decimal_format="number")
+# order="deterministic": a set is written sorted (one whose items do not sort raises TypeError, and
+# the Python rules write it as iterated), and so are object keys, on every path alike.
+ENCODER = msgspec.json.Encoder(decimal_format="number", order="deterministic")
 _encode = ENCODER.encode
 
 
@@ -214,3 +217,9 @@ def wire_schema() -> dict[str, Any]:
         "$id": "durable-analytics/wire-schema-v1.json",
         **body,
     }
+
+
+def wire_schema_json() -> bytes:
+    """:func:`wire_schema` as the shipped file holds it: indented JSON and a final newline."""
+    # msgspec.json.encode, not ENCODER: keep the properties in wire order, not sorted
+    return msgspec.json.format(msgspec.json.encode(wire_schema()), indent=2) + b"\n"
