@@ -149,7 +149,7 @@ def _validate_encode(calls: int) -> tuple[list[str], Check]:
         "",
         "",
     ]
-    return row, Check("validate + encode of the bench's event, us", us, 2.5, at_most=True)
+    return row, Check("validate + encode of the bench's event", us, 2.5, at_most=True, unit="us")
 
 
 def run(ctx: Context) -> Section:
