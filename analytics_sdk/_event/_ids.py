@@ -12,6 +12,7 @@ __all__ = ["new_event_id"]
 # Lambda SnapStart) replays, so both copies would emit the same ids and the sink's dedupe on event_id
 # would silently drop the second event. The kernel reseeds on a VM generation change; ~0.5 us here.
 _urandom = os.urandom
+_time_ns = time.time_ns  # bound once: this runs in every track()
 # The variant nibble "10xx" from a random hex digit: keeps its two low bits.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 # (unix ms, its "xxxxxxxx-xxxx-7"), replaced as one tuple so threads never pair a ms with another's text
@@ -24,7 +25,7 @@ def new_event_id() -> str:
     Time-ordered ids land at the right edge of the ``event_id`` unique index instead of at random
     pages, so inserts stay cheap as the table grows; and it costs less than ``str(uuid4())``.
     """
-    ms = time.time_ns() // 1_000_000
+    ms = _time_ns() // 1_000_000
     cached_ms, prefix = _ms_prefix[0]
     if cached_ms != ms:
         prefix = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7"
