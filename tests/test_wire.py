@@ -26,7 +26,7 @@ from analytics_sdk._event import (
 
 NOW = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
 
-# Produced by the previous release's encoder (orjson, before the msgspec schema), saved as bytes:
+# Produced by the previous release's encoder (before the msgspec schema), saved as bytes:
 # (payload, the inputs given to it). Events still in queues at an upgrade look like these.
 SAVED_V1 = [
     (
