@@ -17,12 +17,15 @@ import pytest
 from analytics_sdk import ValidationError, decode, validate
 from analytics_sdk._event import (
     FIELD_LIMITS,
+    FIELDS,
     decode_many,
     encode_fields,
     metadata_text,
     wire_schema,
     wire_schema_json,
 )
+from analytics_sdk._event._codec import _Fields
+from analytics_sdk._event._schema import Wire
 
 NOW = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
 
@@ -158,6 +161,16 @@ def test_shipped_schema_file_is_the_generated_schema() -> None:
     shipped = resources.files("analytics_sdk").joinpath("wire-schema-v1.json").read_bytes()
     assert shipped == wire_schema_json()
     assert json.loads(shipped) == wire_schema()
+
+
+def test_track_writes_the_wire_struct_field_for_field() -> None:
+    """track()'s converted fields are encoded as the wire object itself: same names, same order."""
+    assert _Fields.__struct_fields__ == Wire.__struct_fields__
+    assert Wire.__struct_fields__ == ("v", *FIELDS)
+    for value in (0, 1, 2):
+        with pytest.raises(ValidationError) as info:
+            encode_fields({"event_type": "x", "v": value})
+        assert info.value.field == "v" and "not an event field" in info.value.reason
 
 
 def test_schema_states_the_field_limits_and_what_is_required() -> None:

@@ -58,7 +58,7 @@ class _Fields(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """track()'s keyword arguments in their common form (any other form is the rules' business), and
     once filled in, the wire object itself: same fields, same order as :class:`Wire`."""
 
-    v: int = 0  # not an event field: set to WIRE_VERSION once converted (a caller's v is refused)
+    v: int = 0  # not an event field (a caller's v is refused): set to WIRE_VERSION once converted
     event_id: str | None = None
     event_type: EventType | None = None  # "" and None: the rules say which error
     user_id: IdText | None = None
@@ -89,7 +89,7 @@ def _fast(fields: Mapping[str, Any], limit: int, now: datetime | None) -> tuple[
     except Exception:  # refused, or a caller's object misbehaving under inspection: the rules say
         return None
     event_type, metadata, ip = f.event_type, f.event_metadata, f.ip_address
-    if not event_type or event_type.isspace() or f.v:
+    if not event_type or event_type.isspace() or "v" in fields:  # v: not a caller's field
         return None
     if f.event_id is None:
         f.event_id = new_event_id()
