@@ -173,7 +173,8 @@ def decode_many(
     its place (the drain dead-letters it and goes on). One clock read for the whole batch.
 
     The common path is inline in the loop (the drain runs it per event: a function call is ~5% of
-    it); at any doubt, ``slow(raw)``: the Python rules, which normalise the event or name the field.
+    it); at any doubt, :func:`_decode_slow`: the Python rules, which normalise the event or name the
+    field.
     """
     limit = max_metadata_bytes
     current = now_utc()
