@@ -266,3 +266,36 @@ def _hashable(value: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+# -- the compiled path and the Python rules agree ----------------------------------------------------
+
+AGREE = [
+    {"event_type": "x"},
+    {"event_type": "x", "user_id": "u", "session_id": 7, "entity_type": "a", "entity_id": 10**30},
+    {"event_type": "x", "event_metadata": {"b": 1, "a": [1.5, None, True, "é"], "c": {"d": {"e": [{}]}}}},
+    {"event_type": "x", "event_metadata": {"deep": [[[[[["too deep for the compiled type"]]]]]]}},
+    {"event_type": "x", "event_metadata": {"big": 2**63, "small": -(2**63), "set": {2, 1}, "t": (1, "a")}},
+    {"event_type": "x", "event_metadata": {"d": Decimal("0.1"), "e": Plan.PRO, "l": Level.HIGH}},
+    {"event_type": "x", "event_metadata": '{"z": 1, "a": [1, {"b": null}]}'},
+    {"event_type": "x", "event_metadata": b'{"k": "v"}'},
+    {"event_type": "x", "ip_address": "2001:DB8::0:1", "user_agent": "u" * 3000, "referrer": "r"},
+    {"event_type": "x", "created_at": NOW.astimezone(timezone(timedelta(hours=5)))},
+    {"event_type": "x", "created_at": "2024-05-17T12:30:45"},
+    {"event_type": "x", "event_id": uuid.UUID("0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0b")},
+    {"event_type": "x", "event_id": "0190A0B0-1C2D-7E3F-8A4B-5C6D7E8F9A0B"},
+    {"event_type": Plan.PRO.value, "entity_type": "k" * 128},
+]
+
+
+@pytest.mark.parametrize("fields", AGREE)
+def test_the_compiled_path_writes_what_the_rules_write(fields: dict[str, Any]) -> None:
+    from analytics_sdk._event._codec import _decode_slow
+    from analytics_sdk._event._rules import validate_slow
+
+    fields = {"event_id": "0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0b", **fields}
+    _, fast = encode_fields(fields, now=NOW)
+    assert fast == validate_slow(fields, 32 * 1024, NOW).encode()
+    assert decode(fast) == decode_many([fast])[0]
+    assert decode(fast).encode() == fast, "decoded and re-encoded: the same bytes"
+    assert decode(fast) == _decode_slow(fast, 32 * 1024), "the drain's compiled path, its rules"
