@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
-import orjson
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
@@ -175,7 +175,7 @@ def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:
     """One dead-letter record: JSON with the payload kept as text (lossless for valid UTF-8)."""
     text = payload.decode("utf-8", errors="backslashreplace") if isinstance(payload, bytes) else payload
     record = {"payload": text, "error": error, "failed_at": time.time(), **extra}
-    return orjson.dumps(record)
+    return msgspec.json.encode(record)
 
 
 async def ack(

@@ -76,6 +76,7 @@ class Check:
     target: float
     at_most: bool = False
     note: str = ""
+    unit: str = ""  # "" for a ratio (shown with x); else shown after the figures ("us", "events/s")
 
     @property
     def passed(self) -> bool:

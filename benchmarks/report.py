@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from ._common import Context, Section, fmt_ratio
+from ._common import Check, Context, Section, fmt_ratio
 
 
 def machine(ctx: Context) -> dict[str, Any]:
@@ -66,14 +66,23 @@ def render(sections: Sequence[Section], info: dict[str, Any], mode: str) -> str:
         rows = [
             [
                 c.name,
-                fmt_ratio(c.value) if "ms" not in c.name else f"{c.value:.2f}",
-                ("<= " if c.at_most else ">= ") + (f"{c.target:g}" + ("" if "ms" in c.name else "x")),
+                _figures(c)[0],
+                ("<= " if c.at_most else ">= ") + _figures(c)[1],
                 "pass" if c.passed else "SHORT",
             ]
             for c in checks
         ]
         out += ["### Targets", "", *_table(["measured", "value", "target", "mark"], rows), ""]
     return "\n".join(out)
+
+
+def _figures(c: Check) -> tuple[str, str]:
+    """(value, target) as shown: with the check's unit, else a ratio (x), or milliseconds by name."""
+    if c.unit:
+        return f"{c.value:,.2f} {c.unit}", f"{c.target:,g} {c.unit}"
+    if "ms" in c.name:
+        return f"{c.value:.2f}", f"{c.target:g}"
+    return fmt_ratio(c.value), f"{c.target:g}x"
 
 
 def write_json(path: Path, sections: Sequence[Section], info: dict[str, Any], mode: str) -> None:

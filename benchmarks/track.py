@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
+import time
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
 from analytics_sdk import AnalyticsClient
-from analytics_sdk._event import validate
+from analytics_sdk._event import encode_fields, validate
 from analytics_sdk._queue import QueueKeys, push
 
 from ._common import (
@@ -127,8 +129,32 @@ async def _measure(ctx: Context) -> dict[str, Any]:
     return {name: Summary.of(r) for name, r in runs.items()}
 
 
+def _validate_encode(calls: int) -> tuple[list[str], Check]:
+    """Issue 13's target: what track() runs per event before any I/O (``encode_fields``: validate and
+    encode on the compiled schema), the bench's event, one thread; the median of five runs."""
+    fields = {"event_type": EVENT_TYPE, **FIELDS}
+    clock = time.perf_counter
+    runs = []
+    for _ in range(5):
+        start = clock()
+        for _ in range(calls):
+            encode_fields(fields)
+        runs.append((clock() - start) / calls)
+    us = statistics.median(runs) * 1e6
+    row = [
+        "1 thread",
+        "validate + encode of the bench's event",
+        fmt_rate(1e6 / us),
+        f"{us:.2f} us/event",
+        "",
+        "",
+    ]
+    return row, Check("validate + encode of the bench's event", us, 2.5, at_most=True, unit="us")
+
+
 def run(ctx: Context) -> Section:
     s = asyncio.run(_measure(ctx))
+    encode_row, encode_check = _validate_encode(max(1_000, ctx.mode.vendor_calls))
     section = Section(
         "1. track() on one client vs the alternatives",
         ["callers", "contender", "events/s", "p50", "p99", "ours / it"],
@@ -215,8 +241,10 @@ def run(ctx: Context) -> Section:
                 fmt_ratio(ours256.rate / v.rate) + " (256)",
             ]
         )
+    section.rows.append(encode_row)
     section.data = {name: summary.as_dict() for name, summary in s.items()}
     section.checks = [
+        encode_check,
         Check("track() 256 callers / ceiling", ours256.rate / ceiling.rate, 0.5),
         Check("track() 256 callers / naive client", ours256.rate / s["naive/256"].rate, 20),
         Check("track() 256 callers / old design", ours256.rate / s["old/256"].rate, 150),

@@ -27,7 +27,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import orjson
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -214,6 +214,6 @@ def _dead_by_batch(claims: Sequence[Claim], dead: list[bytes]) -> dict[str, list
     origin = {raw.decode("utf-8", errors="backslashreplace"): c.batch_id for c in claims for raw in c.items}
     by_batch: dict[str, list[bytes]] = {}
     for entry in dead:
-        batch_id = origin.get(orjson.loads(entry)["payload"], claims[0].batch_id)
+        batch_id = origin.get(msgspec.json.decode(entry)["payload"], claims[0].batch_id)
         by_batch.setdefault(batch_id, []).append(entry)
     return by_batch

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from analytics_sdk._event import Event, decode
+from analytics_sdk._event import Event, decode, decode_many
 from analytics_sdk._queue import Claim, QueueKeys, dead_letter_entry
 from analytics_sdk._settings import Settings
 
@@ -82,6 +82,13 @@ class DrainSummary:
 
 # (events that decoded, their raw payloads, dead-letter entries for those that did not)
 _Decoded = tuple[list[Event], list[bytes], list[bytes]]
+
+
+def _decode_one(raw: bytes, limit: int) -> Event | Exception:
+    try:
+        return decode(raw, max_metadata_bytes=limit)
+    except Exception as exc:  # ValidationError, or a decoder bug: never block the rest
+        return exc
 
 
 def _before_commit() -> None:
@@ -184,14 +191,17 @@ class BatchWriter:
         events: list[Event] = []
         raws: list[bytes] = []
         dead: list[bytes] = []
-        for raw in items:
-            try:
-                events.append(decode(raw, max_metadata_bytes=limit))
-            except Exception as exc:  # ValidationError, or a decoder bug: never block the rest
-                field = getattr(exc, "field", None)
-                error = str(exc) if field else f"{type(exc).__name__}: {exc}"
+        try:
+            decoded: Sequence[Event | Exception] = decode_many(items, max_metadata_bytes=limit)
+        except Exception:  # a decoder bug: one by one, so that it blocks only its own event
+            decoded = [_decode_one(raw, limit) for raw in items]
+        for raw, item in zip(items, decoded, strict=True):
+            if isinstance(item, Exception):  # ValidationError, or a decoder bug: never block the rest
+                field = getattr(item, "field", None)
+                error = str(item) if field else f"{type(item).__name__}: {item}"
                 dead.append(dead_letter_entry(raw, error, stage="decode", field=field))
             else:
+                events.append(item)
                 raws.append(raw)
         return events, raws, dead
 

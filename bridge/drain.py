@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -235,7 +235,7 @@ async def drain(
         summary = worker.summary if worker is not None else DrainSummary()
         summary.backlog = int(await redis.llen(keys.queue))
         summary.seconds = time.monotonic() - started
-        line = orjson.dumps(summary.as_dict())
+        line = msgspec.json.encode(summary.as_dict())
         try:
             seconds, micros = await redis.time()  # Redis's clock, the one `status` compares with
             finished = int(seconds) + int(micros) / 1e6

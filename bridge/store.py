@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
-import orjson
 
-from analytics_sdk._event import FIELDS, Event
+from analytics_sdk._event import FIELDS, Event, metadata_text
 from analytics_sdk._settings import Settings
 
 from ._errors import is_connection_error, is_data_error
@@ -109,7 +108,7 @@ def record(event: Event) -> tuple[Any, ...]:
         event.session_id,
         event.entity_type,
         event.entity_id,
-        orjson.dumps(event.event_metadata).decode(),
+        metadata_text(event),  # the wire's own JSON text when decoded from it: never re-encoded
         event.ip_address,
         event.user_agent,
         event.referrer,

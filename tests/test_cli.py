@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 import pytest
 import redis
 from click.testing import CliRunner, Result
@@ -46,7 +46,7 @@ def invoke(settings: Settings, *args: str, input: str | None = None, **extra_env
 def status_json(settings: Settings, exit_code: int = 0, **env: str) -> dict[str, Any]:
     result = invoke(settings, "status", "--json", **env)
     assert result.exit_code == exit_code, result.output
-    data: dict[str, Any] = orjson.loads(result.stdout)
+    data: dict[str, Any] = msgspec.json.decode(result.stdout)
     return data
 
 
@@ -272,7 +272,7 @@ def test_flush_drains_with_the_task_code_and_status_shows_it(db_settings: Settin
     ids = track(db_settings, 250)
     result = invoke(db_settings, "flush", "--json")
     assert result.exit_code == 0, result.output
-    summary = orjson.loads(result.stdout)
+    summary = msgspec.json.decode(result.stdout)
     assert (summary["claimed"], summary["inserted"], summary["dead_lettered"], summary["backlog"]) == (
         250,
         250,
@@ -334,10 +334,10 @@ def test_dead_letters_list_replay_purge(settings: Settings, sync_redis: redis.Re
 
     replayed = invoke(settings, "dead-letters", "replay", "--json")
     assert replayed.exit_code == 0, replayed.output
-    outcome = orjson.loads(replayed.stdout)
+    outcome = msgspec.json.decode(replayed.stdout)
     assert (outcome["examined"], outcome["requeued"], outcome["kept"]) == (3, 1, 2)
     queued = sync_redis.lrange(keys.queue, 0, -1)
-    assert [orjson.loads(q)["event_id"] for q in queued] == [good.event_id]  # same id: at most one row
+    assert [msgspec.json.decode(q)["event_id"] for q in queued] == [good.event_id]  # same id: at most one row
     assert sync_redis.llen(keys.dead) == 2
 
     refused = invoke(settings, "dead-letters", "purge", input="n\n")
@@ -478,7 +478,7 @@ def test_purge_never_deletes_a_dead_letter_a_concurrent_replay_moved(
         sync_redis.rpush(keys.dead, unseen)
         replay = _run_cli(settings, "dead-letters", "replay", "--limit", "1", "--json")
         assert replay.returncode == 0, replay.stderr
-        assert orjson.loads(replay.stdout)["kept"] == 1  # A examined, kept, now behind D
+        assert msgspec.json.decode(replay.stdout)["kept"] == 1  # A examined, kept, now behind D
         assert sync_redis.lrange(keys.dead, 0, -1) == [seen[1], unseen, seen[0]]
         code, out, err = purge.answer("y\n")
     finally:
@@ -522,10 +522,10 @@ def test_purge_and_replay_in_two_processes_at_once(settings: Settings, sync_redi
     assert code == 0, err
     assert replay.returncode == 0, replay_err.decode()
     purged = int(out.rsplit("purged ", 1)[1].split()[0])
-    requeued = orjson.loads(replay_out)["requeued"]
+    requeued = msgspec.json.decode(replay_out)["requeued"]
     assert purged + requeued >= 600  # each confirmed entry went one way or the other (or both)
     left = sync_redis.lrange(keys.dead, 0, -1)
-    queued = {orjson.loads(q)["event_id"] for q in sync_redis.lrange(keys.queue, 0, -1)}
+    queued = {msgspec.json.decode(q)["event_id"] for q in sync_redis.lrange(keys.queue, 0, -1)}
     assert set(new_bad) <= set(left)  # unseen and still failing: must still be there
     for entry, event in zip(new_good, new_good_events, strict=True):
         assert entry in left or event.event_id in queued, "an unseen dead letter vanished"

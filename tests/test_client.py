@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -56,7 +56,7 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
 
 
 def flush_messages(broker_redis: redis.Redis) -> list[tuple[bytes, dict[str, Any]]]:
-    return [(raw, orjson.loads(raw)) for raw in broker_redis.lrange("analytics", 0, -1)]
+    return [(raw, msgspec.json.decode(raw)) for raw in broker_redis.lrange("analytics", 0, -1)]
 
 
 # -- track -----------------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ async def test_flush_events_now_sends_the_celery_task(
         assert message["properties"]["delivery_info"]["routing_key"] == "analytics"
         assert message["content-type"] == "application/json", "JSON, never pickle"
         assert message["properties"]["body_encoding"] == "base64"
-        args, kwargs, _embed = orjson.loads(base64.b64decode(message["body"]))
+        args, kwargs, _embed = msgspec.json.decode(base64.b64decode(message["body"]))
         assert (args, kwargs) == ([], {})
         assert message["headers"]["expires"], "a stale request expires instead of piling up"
     finally:

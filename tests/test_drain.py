@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -59,7 +59,7 @@ def _event_bytes(**fields: Any) -> bytes:
 def _raw_event(**fields: Any) -> bytes:
     """Wire bytes that skip client-side validation (an old client, another language)."""
     doc = {"v": 1, "event_id": str(uuid.uuid4()), "event_type": "page_view", **fields}
-    return orjson.dumps(doc)
+    return msgspec.json.encode(doc)
 
 
 async def test_tracked_events_arrive_with_every_field_intact(
@@ -234,7 +234,7 @@ async def test_poison_items_are_dead_lettered_and_good_neighbours_inserted(
         "not-json": (b"\xff\xfe definitely { not json", "payload"),
         "pickle": (_pickle_bomb(marker), "payload"),
         "oversize-metadata": (_raw_event(event_metadata={"blob": "x" * 40_000}), "event_metadata"),
-        "missing-event-type": (orjson.dumps({"v": 1, "event_id": str(uuid.uuid4())}), "event_type"),
+        "missing-event-type": (msgspec.json.encode({"v": 1, "event_id": str(uuid.uuid4())}), "event_type"),
     }
     good = [_event_bytes(user_id=f"good-{i}") for i in range(70)]
     items: list[bytes] = []

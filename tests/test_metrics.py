@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -299,7 +299,7 @@ def test_alert_rules_cover_the_issue_and_name_only_exported_metrics(exported: se
 
 
 def test_dashboard_parses_and_queries_only_exported_metrics(exported: set[str]) -> None:
-    dashboard = orjson.loads(DASHBOARD.read_bytes())
+    dashboard = msgspec.json.decode(DASHBOARD.read_bytes())
     assert dashboard["title"] and dashboard["panels"]
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     assert exprs

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import orjson
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
@@ -363,7 +363,7 @@ async def test_ack_releases_and_records_in_one_atomic_call(own_redis: aioredis.R
     taken = await take_over(own_redis, keys, "b1", "1", 1)
     assert taken is not None
     dead = [dead_letter_entry(b"e1", "ValidationError: bad", field="event_type")]
-    summary = orjson.dumps({"claimed": 6})
+    summary = msgspec.json.encode({"claimed": 6})
     await ack(own_redis, keys, [], stats={})  # loads the script: the counted ack is EVALSHA only
     await own_redis.config_resetstat()
     flags = await ack(
@@ -463,14 +463,14 @@ async def test_split_and_mark_run_under_oom(tmp_path: Path) -> None:
 
 
 def test_dead_letter_entry() -> None:
-    entry = orjson.loads(dead_letter_entry(b'{"v": 1, "x": "\xc3\xa9"}', "bad", sqlstate="22P02"))
+    entry = msgspec.json.decode(dead_letter_entry(b'{"v": 1, "x": "\xc3\xa9"}', "bad", sqlstate="22P02"))
     assert entry["payload"] == '{"v": 1, "x": "é"}'
     assert entry["error"] == "bad"
     assert entry["sqlstate"] == "22P02"
     assert abs(entry["failed_at"] - time.time()) < 60
-    raw = orjson.loads(dead_letter_entry(b"\x80\x04pickle", "not JSON"))
+    raw = msgspec.json.decode(dead_letter_entry(b"\x80\x04pickle", "not JSON"))
     assert raw["payload"] == "\\x80\x04pickle", "undecodable bytes kept visibly, never lost"
-    assert orjson.loads(dead_letter_entry("text", "e"))["payload"] == "text"
+    assert msgspec.json.decode(dead_letter_entry("text", "e"))["payload"] == "text"
 
 
 async def test_batch_ids_are_free_form(redis_client: aioredis.Redis, keys: QueueKeys) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
+import msgspec
 import redis
 from click.testing import CliRunner, Result
 
@@ -68,7 +68,7 @@ def test_check_exits_0_on_a_fresh_deployment_with_dead_letters_and_drops(
     sync_redis.set(keys.dropped, 3)
     result = check(db_settings, "--json")
     assert result.exit_code == 0, result.output
-    data: dict[str, Any] = orjson.loads(result.stdout)
+    data: dict[str, Any] = msgspec.json.decode(result.stdout)
     assert data["stuck"] == []
     assert "no flush recorded yet for this key prefix" in data["warnings"]
     assert any("dead letter" in w for w in data["warnings"])
@@ -109,7 +109,7 @@ def test_check_exits_1_while_events_wait_and_no_drain_runs_then_0_after_a_flush(
     assert flushed.exit_code == 0, flushed.output
     moving = check(db_settings, "--json", ANALYTICS_FLUSH_INTERVAL="60")
     assert moving.exit_code == 0, moving.output
-    assert orjson.loads(moving.stdout)["stuck"] == []
+    assert msgspec.json.decode(moving.stdout)["stuck"] == []
 
 
 def test_check_exits_1_for_a_lease_nobody_took_over_and_0_while_a_take_over_is_still_due(
@@ -122,7 +122,7 @@ def test_check_exits_1_for_a_lease_nobody_took_over_and_0_while_a_take_over_is_s
     lease_aged(db_settings, 15)  # expired (status warns), but the next beat tick takes it over
     due = check(db_settings, "--json", **env)
     assert due.exit_code == 0, due.output
-    data = orjson.loads(due.stdout)
+    data = msgspec.json.decode(due.stdout)
     assert data["stuck"] == [] and data["queue"]["depth"] == 0 and data["in_flight"]["batches"] == 1
     assert any("past the visibility timeout" in w for w in data["warnings"])
 
@@ -141,7 +141,7 @@ def test_check_exits_1_for_a_released_batch_when_no_drain_runs(
     sync_redis.zadd(keys.leases, {"check-batch": 0})  # score 0: released by its drain (an outage)
     result = check(db_settings, "--json", ANALYTICS_FLUSH_INTERVAL="1")
     assert result.exit_code == 1, result.output
-    assert orjson.loads(result.stdout)["stuck"] == [
+    assert msgspec.json.decode(result.stdout)["stuck"] == [
         "1 released in-flight batch(es) wait and no drain finished within 3 flush intervals (3s):"
         " is a worker (and beat) running?"
     ]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import orjson
+import msgspec
 import pytest
 import redis
 from helpers import wait_for_sync
@@ -181,7 +181,7 @@ def test_after_fork_child_uses_its_own_connections(
             if runtime is not None and runtime is not parent_runtime and runtime.pid == os.getpid():
                 status = 3
                 if sync_client.get_queue_size() >= 4:
-                    os.write(write, orjson.dumps(child_ids))
+                    os.write(write, msgspec.json.encode(child_ids))
                     status = 0
             sync_client.close()
         except BaseException:
@@ -193,7 +193,7 @@ def test_after_fork_child_uses_its_own_connections(
     with os.fdopen(read, "rb") as pipe:
         reported = pipe.read()
     assert os.waitstatus_to_exitcode(wait_status) == 0
-    child_ids = orjson.loads(reported)
+    child_ids = msgspec.json.decode(reported)
     # The parent's client is untouched by the child's use and close, and keeps working.
     assert sync_client._runtime is parent_runtime
     after_id = sync_client.track("after-fork")
@@ -348,7 +348,7 @@ def test_flush_events_now(settings: Settings, tmp_path: Path) -> None:
         with SyncAnalyticsClient(settings.replace(broker_url=server.url)) as client:
             task_id = client.flush_events_now()
         with server.client() as broker:
-            messages = [orjson.loads(raw) for raw in broker.lrange("analytics", 0, -1)]
+            messages = [msgspec.json.decode(raw) for raw in broker.lrange("analytics", 0, -1)]
     assert [m["headers"]["id"] for m in messages] == [task_id]
     assert messages[0]["headers"]["task"] == "flush_analytics_events"
 

@@ -5,6 +5,7 @@
     analytics-bridge flush [--json]                drain now, inline, with the code the Celery task runs
     analytics-bridge dead-letters list|replay|purge
     analytics-bridge demo                          the end-to-end demo (`nox -s demo`)
+    analytics-bridge wire-schema                   the JSON Schema of queued events (docs/wire-format.md)
 
 Configuration comes from the same ``ANALYTICS_*`` variables as the SDK and the worker. Logs go to
 stderr, results to stdout, so ``--json`` output can be piped. Exit codes: 0 done, 1 the operation
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-import orjson
+import msgspec
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._queue import QueueKeys
@@ -31,6 +32,7 @@ from . import _dead as _cli_dead
 from . import _handler as _cli_errors
 from . import _status as _cli_status
 from ._check import stuck_reasons
+from ._wire_schema import wire_schema
 
 __all__ = ["main"]
 
@@ -48,7 +50,7 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _echo_json(data: object) -> None:
-    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -292,3 +294,6 @@ def metrics(ctx: click.Context, port: int, host: str, timeout: float) -> None:
         serve(_settings(ctx), host=host, port=port, timeout=timeout)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+main.add_command(wire_schema)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
 import redis.asyncio as aioredis
 
 from analytics_sdk._event import decode
@@ -50,8 +50,8 @@ def parse_entry(raw: bytes | str) -> dict[str, Any]:
     """A dead-letter record as a dict; an unreadable one is shown as such, never dropped."""
     text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
     try:
-        entry = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        entry = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
         entry = None
     if not isinstance(entry, dict):
         return {"payload": text, "error": "unreadable dead-letter entry"}

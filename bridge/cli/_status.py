@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import orjson
+import msgspec
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -94,8 +94,8 @@ def _created_age(head: bytes | None, now: float) -> tuple[float | None, str | No
     if head is None:
         return None, None
     try:
-        created = datetime.fromisoformat(orjson.loads(head)["created_at"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        created = datetime.fromisoformat(msgspec.json.decode(head)["created_at"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError):
         # The drain will dead-letter it; status only reports that the age is unknown.
         return None, "the head item is not a readable event"
     if created.tzinfo is None:
@@ -162,7 +162,7 @@ async def _redis_figures(settings: Settings) -> dict[str, Any]:
     age, age_error = _created_age(head, now)
     stats = {_text(k): _text(v) for k, v in stats.items()}
     last_at = float(stats["last_flush_at"]) if stats.get("last_flush_at") else None
-    summary = orjson.loads(stats["last_summary"]) if stats.get("last_summary") else None
+    summary = msgspec.json.decode(stats["last_summary"]) if stats.get("last_summary") else None
     aged = [b["age_seconds"] for b in batches if b["age_seconds"] is not None]
     return {
         "redis_time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 import redis.asyncio as aioredis
 
 from analytics_sdk import Settings
@@ -61,9 +61,9 @@ class Ledger:
 def event_id_of(payload: bytes | str) -> str | None:
     """The normalised event_id inside a queued payload, or None if it has none (not JSON...)."""
     try:
-        doc = orjson.loads(payload)
+        doc = msgspec.json.decode(payload)
         return str(uuid.UUID(str(doc["event_id"])))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -159,7 +159,7 @@ async def collect(settings: Settings) -> Outcome:
     return Outcome(
         rows=rows,
         row_count=len(rows),
-        dead=[orjson.loads(d) for d in dead_raw],
+        dead=[msgspec.json.decode(d) for d in dead_raw],
         dropped=dropped,
         stats=stats,
         queued=queued,

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import orjson
+import msgspec
 
 from analytics_sdk import AnalyticsClient, PublishError, Settings
 from analytics_sdk._event import new_event_id
@@ -30,11 +30,11 @@ class Production:
     max_latency: float = 0.0
 
     def as_json(self) -> bytes:
-        return orjson.dumps(self.__dict__)
+        return msgspec.json.encode(self.__dict__)
 
     @classmethod
     def from_json(cls, raw: bytes) -> Production:
-        return cls(**orjson.loads(raw))
+        return cls(**msgspec.json.decode(raw))
 
 
 async def produce(
@@ -92,11 +92,11 @@ def run_in_subprocess_args(settings: Settings, out_path: str, start_at: float, *
         "start_at": start_at,
         **kwargs,
     }
-    return [sys.executable, "-m", "faults.producer", orjson.dumps(spec).decode()]
+    return [sys.executable, "-m", "faults.producer", msgspec.json.encode(spec).decode()]
 
 
 def _main(raw: str) -> None:
-    spec = orjson.loads(raw)
+    spec = msgspec.json.decode(raw)
     settings = Settings(
         redis_url=spec["redis_url"],
         analytics_key_prefix=spec["key_prefix"],

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import asyncpg
-import orjson
+import msgspec
 import pytest
 import redis
 
@@ -40,7 +40,7 @@ def _raw(event_id: str | None, **fields: object) -> bytes:
     if event_id is not None:
         doc["event_id"] = event_id
     doc.update(fields)
-    return orjson.dumps({k: v for k, v in doc.items() if v is not _MISSING})
+    return msgspec.json.encode({k: v for k, v in doc.items() if v is not _MISSING})
 
 
 _MISSING = object()

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import orjson
+import msgspec
 import pytest
 import redis
 
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.faults
 
 def _queued(settings: Settings) -> list[dict[str, object]]:
     with redis.Redis.from_url(settings.redis_dsn) as r:
-        return [orjson.loads(raw) for raw in r.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)]
+        return [
+            msgspec.json.decode(raw)
+            for raw in r.lrange(QueueKeys(settings.analytics_key_prefix).queue, 0, -1)
+        ]
 
 
 def _dropped(settings: Settings) -> int:
@@ -135,7 +138,7 @@ def test_15_ten_processes_of_200_coroutines(fault_settings: Settings, tmp_path: 
     # accepted == queued as a set: no event lost. A push retried after a timeout (its reply lost on
     # a loaded machine) may have queued an event twice, as the README says; the invariant is one
     # row per event, so copies are allowed here and must all be copies of accepted events.
-    queued_ids = [event_id_of(orjson.dumps(e)) for e in _queued(settings)]
+    queued_ids = [event_id_of(msgspec.json.encode(e)) for e in _queued(settings)]
     copies = len(queued_ids) - expected
     assert copies >= 0 and set(queued_ids) == ledger.accepted
     assert _dropped(settings) == 0

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.faults
 def _poison(event_id: str) -> bytes:
     """Decodes as JSON with an event_id, but fails validation (empty event_type): dead-lettered by
     whichever drain decodes it, every time."""
-    return orjson.dumps({"v": 1, "event_id": event_id, "event_type": ""})
+    return msgspec.json.encode({"v": 1, "event_id": event_id, "event_type": ""})
 
 
 def _seed_with_poison(settings: Settings, good: int) -> tuple[Ledger, str]:
@@ -81,7 +81,7 @@ def cli_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 def _summary_of(log: Path) -> dict[str, Any]:
     text = log.read_text(errors="replace")
     start = text.rindex("\n{\n") + 1  # the --json summary; log lines and a stderr note around it
-    summary: dict[str, Any] = orjson.loads(text[start : text.index("\n}", start) + 2])
+    summary: dict[str, Any] = msgspec.json.decode(text[start : text.index("\n}", start) + 2])
     return summary
 
 
@@ -224,7 +224,7 @@ def test_20_lost_push_replies_at_the_cap(fault_settings: Settings, fault_redis: 
         assert proxy.lost == 7, "the link lost fewer replies than the scenario needs"
     assert accepted == [e["event_id"] for e in events]
     with redis.Redis.from_url(fault_settings.redis_dsn) as r:
-        queued = [orjson.loads(raw)["event_id"] for raw in r.lrange(keys.queue, 0, -1)]
+        queued = [msgspec.json.decode(raw)["event_id"] for raw in r.lrange(keys.queue, 0, -1)]
         dropped = int(r.get(keys.dropped) or 0)
     assert queued == accepted[-cap:], "the newest 50, once each, in order"
     assert dropped == len(events) - cap, "each trim counted once, the retries' included in none"
