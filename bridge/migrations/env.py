@@ -14,23 +14,27 @@ from alembic import context
 from bridge.migrations import VERSION_TABLE
 from bridge.schema import metadata
 
-_OPTIONS = {
-    "target_metadata": metadata,
-    "version_table": VERSION_TABLE,
-    "transaction_per_migration": True,
-}
-
 
 def _offline() -> None:
     context.configure(
-        url="postgresql://", literal_binds=True, dialect_opts={"paramstyle": "named"}, **_OPTIONS
+        dialect_name="postgresql",
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        transaction_per_migration=True,
     )
     with context.begin_transaction():
         context.run_migrations()
 
 
 def _online() -> None:
-    context.configure(connection=context.config.attributes["connection"], **_OPTIONS)
+    context.configure(
+        connection=context.config.attributes["connection"],
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        transaction_per_migration=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

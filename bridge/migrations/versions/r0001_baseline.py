@@ -39,8 +39,9 @@ CREATE TABLE analytics_events (
 
 def upgrade() -> None:
     op.execute(_TABLE)
-    op.execute("CREATE INDEX ix_analytics_events_event_type_created_at ON analytics_events (event_type, created_at)")
-    op.execute("CREATE INDEX ix_analytics_events_user_id_created_at ON analytics_events (user_id, created_at)")
+    for column in ("event_type", "user_id"):
+        index = f"ix_analytics_events_{column}_created_at"
+        op.execute(f"CREATE INDEX {index} ON analytics_events ({column}, created_at)")
 
 
 def downgrade() -> None:

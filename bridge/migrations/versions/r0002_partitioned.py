@@ -128,6 +128,7 @@ BEGIN
 END $$
 """
 
+_HEAP = "analytics_events"
 _INDEXES = {"event_type_created_at": "event_type, created_at", "user_id_created_at": "user_id, created_at"}
 
 
@@ -143,7 +144,7 @@ def upgrade() -> None:
             ("analytics_events_legacy_event_id_created_at_key", "event_id, created_at"),
         ):
             op.execute(_DROP_INVALID.format(name=name, lock_timeout=_LOCK_TIMEOUT))
-            op.execute(f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {name} ON analytics_events ({columns})")
+            op.execute(f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {_HEAP} ({columns})")
     op.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
     op.execute("LOCK TABLE analytics_events IN ACCESS EXCLUSIVE MODE")
     op.execute(_SWAP_KEYS)
