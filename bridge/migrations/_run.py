@@ -81,7 +81,7 @@ def _adopt(conn: Connection, interval: Interval) -> None:
     """Stamp a database the previous releases made (our table, no version table) as the baseline."""
     found = conn.execute(
         text(
-            "SELECT c.relkind, array(SELECT attname FROM pg_attribute WHERE attrelid = c.oid "
+            "SELECT c.relkind::text, array(SELECT attname FROM pg_attribute WHERE attrelid = c.oid "
             "AND attnum > 0 AND NOT attisdropped) FROM pg_class c WHERE c.oid = to_regclass(:t)"
         ),
         {"t": TABLE_NAME},
