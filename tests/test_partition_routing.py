@@ -169,7 +169,7 @@ async def test_a_drain_that_may_not_create_a_partition_holds_the_events(
             summary = await drain(limited)
             assert (summary.inserted, summary.dead_lettered) == (2, 0), (summary, made)
         finally:
-            await _admin(f"DROP DATABASE IF EXISTS \"{url.rsplit('/', 1)[1]}\" WITH (FORCE)")
+            await _admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
             await _admin(f"DROP ROLE IF EXISTS {role}")
 
 
