@@ -95,23 +95,9 @@ async def _admin(sql: str) -> None:
 
 async def _previous_release(url: str, rows: int) -> None:
     """Revision 0001's heap without our version table: what the previous release's migrate made."""
-    from alembic import command
-    from sqlalchemy.ext.asyncio import create_async_engine
+    from bridge.migrations._run import upgrade_to
 
-    from bridge.migrations._run import _config
-    from bridge.schema import sqlalchemy_url
-
-    engine = create_async_engine(sqlalchemy_url(url))
-
-    def baseline(conn: Any) -> None:
-        command.upgrade(_config("month", connection=conn), "0001")
-        conn.commit()
-
-    try:
-        async with engine.connect() as session:
-            await session.run_sync(baseline)
-    finally:
-        await engine.dispose()
+    await upgrade_to(url, "0001")
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("DROP TABLE analytics_alembic_version")

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from bridge.schema import sqlalchemy_url
 from tests.conftest import PG_ADMIN_URL, _admin
 
 LEGACY_DDL = (Path(__file__).parent / "legacy_schema.sql").read_text()
@@ -51,21 +49,9 @@ async def make_legacy(url: str, rows: int) -> None:
 
 async def upgrade_to(url: str, revision: str) -> None:
     """Run the revisions up to ``revision`` only (an old release's ``migrate``, a half-done upgrade)."""
-    from alembic import command
+    from bridge.migrations._run import upgrade_to as run_to
 
-    from bridge.migrations._run import _config
-
-    engine = create_async_engine(sqlalchemy_url(url))
-
-    def run(conn: Any) -> None:
-        command.upgrade(_config("month", connection=conn), revision)
-        conn.commit()
-
-    try:
-        async with engine.connect() as conn:
-            await conn.run_sync(run)
-    finally:
-        await engine.dispose()
+    await run_to(url, revision)
 
 
 async def fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:

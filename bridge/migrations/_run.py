@@ -36,7 +36,7 @@ from ..partitions import Interval, create_ahead
 from ..schema import TABLE_NAME, asyncpg_dsn, events_table, revision_of, sqlalchemy_url
 from . import BASELINE, HEAD, VERSION_TABLE
 
-__all__ = ["MIGRATE_LOCK", "NotOurTable", "offline_sql", "upgrade"]
+__all__ = ["MIGRATE_LOCK", "NotOurTable", "offline_sql", "upgrade", "upgrade_to"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,3 +195,19 @@ async def upgrade(database_url: str, *, interval: Interval = "month") -> list[st
             await lock.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK)
         finally:
             await lock.close()
+
+
+async def upgrade_to(database_url: str, revision: str, *, interval: Interval = "month") -> None:
+    """Run the revisions up to ``revision`` only: no lock, no adoption, no partitions. How tests and
+    the upgrade benchmark make the state an older release left."""
+
+    def run(conn: Connection) -> None:
+        command.upgrade(_config(interval, connection=conn), revision)
+        conn.commit()
+
+    engine = create_async_engine(make_url(sqlalchemy_url(database_url)))
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(run)
+    finally:
+        await engine.dispose()
