@@ -17,8 +17,10 @@ from analytics_sdk import Settings
 from bridge.cli import main
 from bridge.cli._migrate import BEHIND
 from bridge.migrations import HEAD, VERSION_TABLE
+from bridge.migrations._run import MIGRATE_LOCK
 from bridge.partitions import bounds, partition_name
-from tests.conftest import PG_ADMIN_URL, _admin, run_blocking
+from tests.conftest import PG_ADMIN_URL, _admin
+from tests.helpers import wait_for
 from tests.legacy import catalog, fetch, make_legacy, scratch_database, upgrade_to
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,13 +82,15 @@ async def test_partition_interval_setting_shapes_the_partitions_made() -> None:
         assert await _state(url) == (HEAD, sorted(_ahead("week")))
 
 
-def test_two_migrate_processes_at_once_both_succeed_on_a_previous_release_database() -> None:
-    """Two real processes (two deploy jobs) on a database with rows to upgrade: one waits for the
-    other's advisory lock, then finds everything done; every row is kept, once."""
-
-    async def body() -> None:
-        async with scratch_database("analytics_cli_two") as url:
-            await make_legacy(url, 10_000)
+async def test_two_migrate_processes_at_once_both_succeed_on_a_previous_release_database() -> None:
+    """Two real processes (two deploy jobs) on a database with rows to upgrade. The test holds the
+    migrate lock until both are waiting for it, so they really run at once: one upgrades, the other
+    waits, then finds everything done; every row is kept, once."""
+    async with scratch_database("analytics_cli_two") as url:
+        await make_legacy(url, 10_000)
+        holder = await asyncpg.connect(url)
+        try:
+            assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATE_LOCK)
             env = {**os.environ, "ANALYTICS_DATABASE_URL": url, "ANALYTICS_BACKLOG_TRIGGER": "0"}
             procs = [
                 subprocess.Popen(
@@ -99,16 +103,27 @@ def test_two_migrate_processes_at_once_both_succeed_on_a_previous_release_databa
                 )
                 for _ in range(2)
             ]
-            outputs = [p.communicate(timeout=120) for p in procs]
-            for proc, (out, err) in zip(procs, outputs, strict=True):
-                assert proc.returncode == 0, out + err
-                assert f"to revision {HEAD}" in out
-            version, parts = await _state(url)
-            assert version == HEAD and "analytics_events_legacy" in parts
-            (row,) = await fetch(url, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM analytics_events")
-            assert (row["n"], row["ids"]) == (10_000, 10_000)
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'SELECT pg_try_advisory_lock%' AND pid <> pg_backend_pid()"
+            )
 
-    run_blocking(body())
+            async def both_wait() -> bool:
+                return int(await holder.fetchval(waiting)) == 2
+
+            await wait_for(both_wait, timeout=60, message="both migrate processes wait for the lock")
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK)
+            outputs = [await asyncio.to_thread(p.communicate, timeout=120) for p in procs]
+        finally:
+            await holder.close()
+        for proc, (out, err) in zip(procs, outputs, strict=True):
+            assert proc.returncode == 0, out + err
+            assert f"to revision {HEAD}" in out and "waiting for it to finish" in err
+        assert sum("Running upgrade 0001 -> 0002" in err for _, err in outputs) == 1
+        version, parts = await _state(url)
+        assert version == HEAD and "analytics_events_legacy" in parts
+        (row,) = await fetch(url, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM analytics_events")
+        assert (row["n"], row["ids"]) == (10_000, 10_000)
 
 
 async def test_an_applications_own_alembic_history_is_never_touched() -> None:

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from analytics_sdk._settings import redact_url
 
+from .._errors import postgres_error_of
 from ..partitions import Interval, create_ahead
 from ..schema import TABLE_NAME, asyncpg_dsn, events_table, revision_of, sqlalchemy_url
 from . import BASELINE, HEAD, VERSION_TABLE
@@ -162,8 +163,7 @@ async def _run_revisions(url: URL, interval: Interval) -> None:
                     await conn.run_sync(_upgrade, interval)
                 return
             except Exception as exc:
-                cause = exc.__cause__ or getattr(exc, "orig", None)
-                timed_out = isinstance(cause, asyncpg.LockNotAvailableError) or "55P03" in str(exc)
+                timed_out = isinstance(postgres_error_of(exc), asyncpg.LockNotAvailableError)
                 if not timed_out or attempt == _LOCK_ATTEMPTS:
                     raise
                 logger.warning(
