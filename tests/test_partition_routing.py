@@ -3,6 +3,7 @@ under a drain's connection, a drain not allowed to create one. Never a dead lett
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import uuid
@@ -189,3 +190,23 @@ async def _grant_all(url: str, role: str) -> None:
         await conn.execute(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}")
     finally:
         await conn.close()
+
+
+async def test_making_a_partition_waits_for_no_running_report_query(settings: Settings) -> None:
+    """A report query holds the table for minutes; a backfill's partition is made meanwhile without
+    waiting for it (ATTACH takes SHARE UPDATE EXCLUSIVE on the parent, not ACCESS EXCLUSIVE)."""
+    async with scratch_database("analytics_routing_reader") as url:
+        await migrate(url)
+        reader = await asyncpg.connect(url)
+        conn = await connect(settings.replace(database_url=url))
+        try:
+            report = reader.transaction()
+            await report.start()
+            await reader.fetchval("SELECT count(*) FROM analytics_events")  # ACCESS SHARE until rollback
+            backfill = decode(_payload(datetime.now(UTC) - timedelta(days=900)))
+            assert await asyncio.wait_for(insert_events(conn, [backfill]), 15) == InsertResult(1, 0)
+            await report.rollback()
+        finally:
+            await close(conn)
+            await reader.close()
+        assert (await _where(url))[backfill.event_id].startswith("analytics_events_p")
