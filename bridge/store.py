@@ -135,7 +135,12 @@ async def insert_events(
     *,
     before_commit: Callable[[], None] | None = None,
 ) -> InsertResult:
-    """Insert ``events``; one transaction; duplicates of existing event_ids are skipped and counted.
+    """Insert ``events``; one transaction; duplicates (an (event_id, created_at) the table holds, or
+    twice in ``events``) are skipped and counted.
+
+    First, outside the rows' transaction: the schema is checked once per connection
+    (:class:`bridge._errors.NotMigrated` if it is older than this code) and the partitions the rows
+    lack are made (:mod:`bridge._session`).
 
     Opens its own transaction, and calls ``before_commit()`` (if given) inside it after the rows are
     sent. Called inside the caller's transaction it joins that one instead (the caller commits).

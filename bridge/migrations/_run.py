@@ -88,6 +88,8 @@ def _adopt(conn: Connection, interval: Interval) -> None:
         {"t": TABLE_NAME},
     ).first()
     versioned = conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": VERSION_TABLE}).scalar()
+    if versioned:  # a version table without its row (emptied by hand) stamps nothing: adopt again
+        versioned = conn.execute(text(f"SELECT EXISTS (SELECT 1 FROM {VERSION_TABLE})")).scalar()
     conn.commit()
     if found is None or versioned:
         return
