@@ -4,6 +4,7 @@ refuses (holds, never dead-letters) a schema older than its code until `migrate`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -136,3 +137,26 @@ async def test_a_version_table_row_unknown_to_this_code_is_taken_as_newer(settin
             await conn.execute(f"UPDATE analytics_alembic_version SET version_num = '{HEAD}'")
         finally:
             await conn.close()
+
+
+async def test_flush_exits_2_on_an_old_schema_naming_migrate_and_claims_nothing(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    from click.testing import CliRunner
+
+    from bridge.cli import main
+
+    async with scratch_database("analytics_flush_old") as url:
+        await upgrade_to(url, "0001")
+        keys = QueueKeys(settings.analytics_key_prefix)
+        await redis_client.rpush(keys.queue, _payload(user_id="waits"))
+        env = {
+            "ANALYTICS_REDIS_URL": settings.redis_dsn,
+            "ANALYTICS_KEY_PREFIX": settings.analytics_key_prefix,
+            "ANALYTICS_DATABASE_URL": url,
+            "ANALYTICS_BACKLOG_TRIGGER": "0",
+        }
+        result = await asyncio.to_thread(CliRunner().invoke, main, ["flush"], env=env, catch_exceptions=False)
+        assert result.exit_code == 2, result.output
+        assert "revision 0001" in result.output and "analytics-bridge migrate" in result.output
+        assert await redis_client.llen(keys.queue) == 1  # not even claimed
