@@ -17,6 +17,8 @@ They call for opposite handling, so the classification lives in one place:
   are wrong (28), the database is missing (3D000)... Waiting seconds will not fix it, so the task is
   not retried; the batch is released for the next beat tick, nothing is dead-lettered, nothing counts
   towards the poison limit, and one ERROR line names the SQLSTATE and what to do (:func:`advice`).
+  So is "no partition of relation ... found for row" (23514 without a constraint): the drain creates
+  a row's partition before inserting it, so a row still without one is the environment's doing.
 
 Anything else (a bug in this code) propagates; the batch waits for the visibility timeout.
 """
@@ -41,6 +43,9 @@ __all__ = [
     "is_connection_error",
     "is_data_error",
     "is_environment_error",
+    "is_event_key",
+    "is_missing_partition",
+    "is_primary_key",
     "is_transient_conflict",
     "mark_reported",
     "postgres_error_of",
@@ -48,8 +53,11 @@ __all__ = [
     "was_reported",
 ]
 
-#: The arbiter of ON CONFLICT (event_id): the one unique violation that is about the event itself.
-EVENT_ID_CONSTRAINT = "uq_analytics_events_event_id"
+#: The arbiter of ON CONFLICT (event_id, created_at): the one unique violation that is about the event
+#: itself. Each partition has its own copy of the index, named ``<partition>_event_id_created_at_key``
+#: (:func:`is_event_key`).
+EVENT_ID_CONSTRAINT = "uq_analytics_events_event_id_created_at"
+_TABLE = "analytics_events"
 
 
 class ConnectionLostError(ConnectionError):
@@ -70,8 +78,9 @@ class HeldByEnvironment(Exception):
         self.constraint = constraint
 
 
-class NotMigrated(Exception):
-    """The events table (or a column of it) is missing: run ``analytics-bridge migrate``."""
+class NotMigrated(HeldByEnvironment):
+    """The events table (or a column of it) is missing, or older than this code: run
+    ``analytics-bridge migrate``. An environment refusal: the drain holds its events in flight."""
 
 
 class RedisTooOld(Exception):
@@ -127,10 +136,34 @@ def postgres_error_of(exc: BaseException) -> asyncpg.PostgresError | None:
     return None
 
 
+def is_event_key(name: str | None) -> bool:
+    """The unique key (event_id, created_at): the parent's constraint or a partition's copy of it."""
+    return name == EVENT_ID_CONSTRAINT or (
+        name is not None and name.startswith(f"{_TABLE}_") and name.endswith("_event_id_created_at_key")
+    )
+
+
+def is_primary_key(name: str | None) -> bool:
+    """The primary key (id, created_at): ``analytics_events_pkey`` or a partition's ``<partition>_pkey``."""
+    return name is not None and name.startswith(_TABLE) and name.endswith("_pkey")
+
+
+def is_missing_partition(exc: BaseException) -> bool:
+    """PostgreSQL found no partition for a row's created_at (23514, like a CHECK, but no constraint):
+    the drain creates partitions before it inserts, so this is the environment's (a partition
+    dropped under a running drain, no privilege to create one), never the row's."""
+    message = getattr(exc, "message", None) or ""
+    return (
+        sqlstate_of(exc) == "23514"
+        and getattr(exc, "constraint_name", None) is None
+        and str(message).startswith("no partition of relation")
+    )
+
+
 def is_data_error(exc: BaseException) -> bool:
     """True when the rows themselves may be at fault: bisect them to find out."""
     if isinstance(exc, asyncpg.PostgresError):
-        return (sqlstate_of(exc) or "")[:2] in _DATA_CLASSES
+        return (sqlstate_of(exc) or "")[:2] in _DATA_CLASSES and not is_missing_partition(exc)
     # asyncpg refusing to encode a value client-side (wrong type, a lone surrogate in a str).
     return isinstance(exc, asyncpg_base.DataError | UnicodeEncodeError)
 
@@ -154,7 +187,7 @@ def is_transient_conflict(exc: BaseException) -> bool:
 def is_environment_error(exc: BaseException) -> bool:
     """True for every server-reported error that is neither the rows' (22/23), nor transient, nor a
     conflict, and for :class:`HeldByEnvironment`: release the batch, no retry, no dead letter."""
-    if isinstance(exc, HeldByEnvironment):
+    if isinstance(exc, HeldByEnvironment) or is_missing_partition(exc):
         return True
     if not isinstance(exc, asyncpg.PostgresError):
         return False
@@ -205,6 +238,10 @@ _BY_STATE = {
     "40001": "the insert kept failing on serialization conflicts with another session",
     "40P01": "the insert kept deadlocking with another session",
 }
+_NO_PARTITION = (
+    "the row's created_at has no partition and the drain could not make one: run `analytics-bridge "
+    "migrate`, and GRANT CREATE on the schema to the drain's user"
+)
 _BY_CLASS = {
     "08": "the connection to PostgreSQL failed: check that it runs and is reachable",
     "28": "authentication failed: check the user and password in ANALYTICS_DATABASE_URL "
@@ -220,6 +257,8 @@ _BY_CLASS = {
 def _postgres_advice(pg: asyncpg.PostgresError) -> str:
     state = sqlstate_of(pg) or "?????"
     todo = _BY_STATE.get(state) or _BY_CLASS.get(state[:2]) or "see the PostgreSQL server log"
+    if is_missing_partition(pg):
+        todo = _NO_PARTITION
     # The message only: its DETAIL is a multi-line dump of the failing row, and this is one log line.
     message = str(pg.message if getattr(pg, "message", None) else pg).replace("\n", " ")
     return f"PostgreSQL refused (SQLSTATE {state}: {message}): {todo}"

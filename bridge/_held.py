@@ -5,8 +5,9 @@ But a data error can be the environment's, and then dead-lettering would throw g
 by one (an identity sequence behind restored rows burns one id, and one good event, per bisection
 step). The rule: a row is at fault only when it fails alone while its neighbours commit.
 
-- Held at once, without bisecting: a unique violation on any constraint but event_id's (ON CONFLICT
-  already absorbs that one, so the rows cannot cause another: the identity sequence is behind), and
+- Held at once, without bisecting: a unique violation on any constraint but (event_id, created_at)'s,
+  the parent's or a partition's copy (ON CONFLICT already absorbs that one, so the rows cannot cause
+  another: the identity sequence is behind), and
   a NOT NULL on a column the bridge never writes (a migration added it without a default).
 - Held before bisecting: a copy of the newest stored row (rolled back) is refused with the same
   SQLSTATE and constraint as the batch: the table refuses everything, bisection would only confirm it.
@@ -26,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from ._errors import EVENT_ID_CONSTRAINT, HeldByEnvironment, is_data_error, sqlstate_of
+from ._errors import HeldByEnvironment, is_data_error, is_event_key, is_primary_key, sqlstate_of
 from .schema import TABLE_NAME
 from .store import COLUMNS, insert_copy_of_newest
 
@@ -64,11 +65,18 @@ def _held_for(exc: BaseException, why: str) -> HeldByEnvironment:
     )
 
 
+def _key_name(name: str | None) -> str | None:
+    """A partition's copy of the primary key, named with the table's own key (what a DBA looks up)."""
+    if is_primary_key(name) and name != f"{TABLE_NAME}_pkey":
+        return f"{name}, the primary key {TABLE_NAME}_pkey of a partition"
+    return name
+
+
 def held_at_once(exc: BaseException) -> HeldByEnvironment | None:
     """A data error that no row can cause: hold the batch without bisecting it."""
     state, name = _reason(exc)
-    if state == "23505" and name != EVENT_ID_CONSTRAINT:
-        if name == f"{TABLE_NAME}_pkey":
+    if state == "23505" and not is_event_key(name):
+        if is_primary_key(name):
             todo = (
                 "the identity sequence is behind the rows (a restored dump, logical replication, a "
                 "blue/green move carry no sequences): SELECT setval(pg_get_serial_sequence("
@@ -77,7 +85,7 @@ def held_at_once(exc: BaseException) -> HeldByEnvironment | None:
         else:
             todo = f"a unique constraint other than event_id's ({name}) refuses the rows: drop or fix it"
         return HeldByEnvironment(
-            f"PostgreSQL refused the rows (SQLSTATE 23505 on {name}: {_message(exc)}): {todo}",
+            f"PostgreSQL refused the rows (SQLSTATE 23505 on {_key_name(name)}: {_message(exc)}): {todo}",
             sqlstate=state,
             constraint=name,
         )

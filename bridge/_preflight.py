@@ -3,12 +3,13 @@
 - **Redis >= 7.0**: every drain script starts with ``#!lua flags=allow-oom``, which older servers
   cannot compile, so on 6.2 nothing would ever drain. That never fixes itself: the worker refuses to
   start (exit code 2) with the version found and the version needed, and so does the CLI's flush.
-- **The table**: a worker started before ``analytics-bridge migrate`` logs one ERROR naming migrate
-  and keeps running. Refusing would crash-loop a deployment that starts workers and runs migrate in
+- **The table**: a worker started before ``analytics-bridge migrate`` (no table, a column missing, or
+  a revision older than the code's, :func:`bridge.schema.schema_problem`) logs one ERROR naming
+  migrate and keeps running. Refusing would crash-loop a deployment that starts workers and runs migrate in
   parallel (a Kubernetes Job, a release script); running, each drain holds its batches with one ERROR
   line and the first drain after migrate lands them, with no restart.
-- The CLI's flush checks both before it claims anything, so it exits 2 on a missing table even with
-  an empty queue (where the drain itself would not connect to PostgreSQL at all).
+- The CLI's flush checks both before it claims anything, so it exits 2 on a missing or outdated
+  table even with an empty queue (where the drain itself would not connect to PostgreSQL at all).
 - A service that does not answer yet is logged and not fatal: the broker connection retries at
   start-up, and the drain retries like any outage.
 

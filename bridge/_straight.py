@@ -33,6 +33,7 @@ from analytics_sdk._event import Event
 
 from ._errors import is_connection_error
 from .schema import TABLE_NAME
+from . import _session
 from .store import COLUMNS, InsertResult, record
 
 __all__ = ["copy_straight"]
@@ -56,6 +57,9 @@ async def copy_straight(
     except ValueError as exc:  # an address Python cannot read: PostgreSQL judges it on the staging path
         logger.debug("straight COPY stepped aside: %s", exc)
         return None
+    # As on the staging path: the schema is current (else NotMigrated, held) and every row's
+    # partition exists, made outside the rows' transaction so a refused COPY never rolls it back.
+    await _session.prepare(conn, _session.session(conn), [e.created_at for e in events])
     transaction = conn.transaction()
     await transaction.start()
     try:

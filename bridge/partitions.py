@@ -138,8 +138,13 @@ async def ensure_partitions(
                 continue
             lower, upper = free
             name = partition_name(lower, table)
+            # Not CREATE TABLE ... PARTITION OF: that takes ACCESS EXCLUSIVE on the parent (PostgreSQL
+            # 15), so a drain making a backfill's partition would wait for every running report query
+            # and stall every insert queued behind it. ATTACH takes SHARE UPDATE EXCLUSIVE, which
+            # neither reads nor writes conflict with; the empty table is checked and indexed at once.
+            await conn.execute(f'CREATE TABLE "{name}" (LIKE "{table}" INCLUDING DEFAULTS)')
             await conn.execute(
-                f'CREATE TABLE "{name}" PARTITION OF "{table}" FOR VALUES FROM '
+                f'ALTER TABLE "{table}" ATTACH PARTITION "{name}" FOR VALUES FROM '
                 f"('{lower.isoformat()}') TO ('{upper.isoformat()}')"
             )
             existing.append((lower, upper))

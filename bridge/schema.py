@@ -1,9 +1,14 @@
-"""The events table, defined once in SQLAlchemy Core, and an idempotent ``migrate()``.
+"""The events table at head, defined once in SQLAlchemy Core; ``migrate()``; the checks of a database.
 
-``migrate()`` runs through SQLAlchemy's async engine on asyncpg. It creates the database named in the
-URL when the server says it does not exist (connecting to the ``postgres`` maintenance database for
-``CREATE DATABASE``), then creates the table and its indexes if missing. Every engine is made and
-disposed inside the coroutine: none outlives the event loop that made it.
+The table's history lives in Alembic revisions shipped in :mod:`bridge.migrations`; ``metadata`` is
+what the newest one makes (a test compares a migrated database with it). ``analytics_events`` is
+partitioned by RANGE on ``created_at`` (:mod:`bridge.partitions` creates the partitions), so its keys
+include ``created_at``: the primary key is ``(id, created_at)`` and the arbiter of the drain's
+``ON CONFLICT`` is ``(event_id, created_at)`` -- a redelivered event carries its own created_at, so
+it is still one row.
+
+:func:`schema_problem` tells the worker, ``flush`` and the drain what keeps them from writing:
+a missing table or column, or a revision older than the code's (run ``analytics-bridge migrate``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from sqlalchemy import (
     Identity,
     Index,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -26,17 +32,21 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import INET, JSONB, TIMESTAMP, UUID
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from analytics_sdk._settings import redact_url
 
+from .migrations import HEAD, REVISIONS, VERSION_TABLE
+from .partitions import Interval
+
 __all__ = [
+    "EVENT_KEY",
     "TABLE_NAME",
     "asyncpg_dsn",
     "events_table",
     "metadata",
     "migrate",
+    "revision_of",
+    "revision_problem",
     "schema_problem",
     "sqlalchemy_url",
 ]
@@ -44,15 +54,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TABLE_NAME = "analytics_events"
-# Any constant: serialises concurrent migrate() calls (two workers starting at once) on one server.
-_MIGRATE_LOCK = 0x616E616C79746963
+#: The arbiter of INSERT ... ON CONFLICT (event_id, created_at): one row per event.
+EVENT_KEY = f"uq_{TABLE_NAME}_event_id_created_at"
 
 metadata = MetaData()
 
 events_table = Table(
     TABLE_NAME,
     metadata,
-    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("id", BigInteger, Identity(always=False), nullable=False),
     Column("event_id", UUID(as_uuid=False), nullable=False),
     Column("user_id", Text),
     Column("session_id", Text),
@@ -65,10 +75,12 @@ events_table = Table(
     Column("referrer", Text),
     Column("created_at", TIMESTAMP(timezone=True), nullable=False),
     Column("received_at", TIMESTAMP(timezone=True), nullable=False, server_default=func.now()),
-    # The arbiter of INSERT ... ON CONFLICT (event_id): one row per event, however often delivered.
-    UniqueConstraint("event_id", name=f"uq_{TABLE_NAME}_event_id"),
+    # A partitioned table's keys must include its partition key.
+    PrimaryKeyConstraint("id", "created_at", name=f"{TABLE_NAME}_pkey"),
+    UniqueConstraint("event_id", "created_at", name=EVENT_KEY),
     Index(f"ix_{TABLE_NAME}_event_type_created_at", "event_type", "created_at"),
     Index(f"ix_{TABLE_NAME}_user_id_created_at", "user_id", "created_at"),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 
@@ -88,72 +100,41 @@ def asyncpg_dsn(url: str) -> str:
     return urlunsplit(parts._replace(scheme="postgresql"))
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+async def migrate(database_url: str, *, interval: Interval = "month") -> list[str]:
+    """Create the database (if missing and allowed), adopt a database an earlier release made, run
+    every revision up to head, create the partitions ahead. Idempotent; returns the partitions made.
+
+    ``interval`` is the width of the partitions this run creates (ANALYTICS_PARTITION_INTERVAL); the
+    partitioned table itself does not depend on it."""
+    from .migrations._run import upgrade  # Alembic is imported only by those who migrate
+
+    return await upgrade(database_url, interval=interval)
 
 
-async def _create_database(url: URL) -> None:
-    """CREATE DATABASE ``url.database``, connected to the maintenance database of the same server."""
-    name = url.database
-    if not name:
-        raise ValueError("the database URL names no database")
-    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            exists = text("SELECT 1 FROM pg_database WHERE datname = :n")
-            if not await conn.scalar(exists, {"n": name}):
-                try:
-                    await conn.execute(text(f"CREATE DATABASE {_quote_ident(name)}"))
-                    logger.info("created database %s", name)
-                except Exception:
-                    # A concurrent migrate() may have created it first ("already exists", or a unique
-                    # violation on pg_database when both passed the check at once): that is success.
-                    if not await conn.scalar(exists, {"n": name}):
-                        raise
-    finally:
-        await admin.dispose()
+async def revision_of(conn: asyncpg.Connection[Any]) -> str | None:
+    """The database's revision in our version table; None when there is none (not versioned yet)."""
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", VERSION_TABLE):
+        return None
+    version = await conn.fetchval(f"SELECT version_num FROM {VERSION_TABLE}")
+    return None if version is None else str(version)
 
 
-async def _create_schema(conn: AsyncConnection) -> None:
-    # A transaction-scoped advisory lock: a second migrate() waits, then finds everything in place
-    # (create_all's check-then-create is otherwise racy and fails on pg_type's unique index).
-    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
-    await conn.run_sync(metadata.create_all, checkfirst=True)
-
-
-async def migrate(database_url: str) -> None:
-    """Create the database (if missing and allowed), the events table and its indexes. Idempotent."""
-    url = make_url(sqlalchemy_url(database_url))
-    engine = create_async_engine(url)
-    try:
-        try:
-            async with engine.begin() as conn:
-                await _create_schema(conn)
-        except Exception as exc:
-            if not _is_missing_database(exc):
-                raise
-            await engine.dispose()
-            await _create_database(url)
-            async with engine.begin() as conn:
-                await _create_schema(conn)
-        logger.info("schema of %s is up to date", redact_url(database_url))
-    finally:
-        await engine.dispose()
-
-
-def _is_missing_database(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    for _ in range(5):  # SQLAlchemy wraps the driver's error: look a few links down the chain
-        if seen is None:
-            break
-        if isinstance(seen, asyncpg.InvalidCatalogNameError):
-            return True
-        seen = seen.__cause__ or getattr(seen, "orig", None)
-    return False
+async def revision_problem(conn: asyncpg.Connection[Any]) -> str | None:
+    """Why the table is older than this code expects, or None (at head, or a revision this code does
+    not know: a newer release migrated it, and revisions only add what older drains can ignore)."""
+    version = await revision_of(conn)
+    if version == HEAD or (version is not None and version not in REVISIONS):
+        return None
+    at = f"revision {version}" if version else "the schema of a release before versioned migrations"
+    return (
+        f"table {TABLE_NAME} is at {at}, this bridge needs revision {HEAD}: run `analytics-bridge "
+        "migrate` against this database (the held events land at the first drain after it)"
+    )
 
 
 async def schema_problem(conn: asyncpg.Connection[Any]) -> str | None:
-    """What keeps the drain from writing to this database (table or columns missing), or None."""
+    """What keeps the drain from writing to this database (table or columns missing, a revision older
+    than this code's), or None."""
     found = await conn.fetch(
         "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
         "AND NOT attisdropped",
@@ -167,4 +148,4 @@ async def schema_problem(conn: asyncpg.Connection[Any]) -> str | None:
             f"table {TABLE_NAME} lacks column(s) {', '.join(missing)}: run `analytics-bridge migrate`, "
             "compare the table with bridge/schema.py"
         )
-    return None
+    return await revision_problem(conn)

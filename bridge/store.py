@@ -1,9 +1,14 @@
 """PostgreSQL writes through asyncpg: COPY into a staging table, then one INSERT ... ON CONFLICT.
 
 COPY is the fastest way in but has no ON CONFLICT, and a plain INSERT of redelivered events would
-fail on the unique event_id. So the rows are COPYed into a temporary staging table and moved with
-``INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING``, in one transaction: redelivered or
-duplicated events become one row. No per-row round trip anywhere.
+fail on the unique key. So the rows are COPYed into a temporary staging table and moved with
+``INSERT ... SELECT ... ON CONFLICT (event_id, created_at) DO NOTHING``, in one transaction:
+redelivered or duplicated events become one row (a redelivered event carries its own created_at, so
+it meets its first copy in the same partition). No per-row round trip anywhere.
+
+Before the rows' transaction, :mod:`bridge._session` checks the schema once per connection and makes
+the partitions the rows need and lack; if the insert still finds no partition for a row (one was
+dropped under this connection), the partitions are made again and the insert runs once more.
 
 The staging table stores ``event_metadata`` and ``ip_address`` as text and the INSERT casts them to
 jsonb and inet: the server parses each value exactly once either way, and the client sends plain
@@ -15,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,7 +28,9 @@ import asyncpg
 from analytics_sdk._event import FIELDS, Event, metadata_text
 from analytics_sdk._settings import Settings
 
-from ._errors import is_connection_error, is_data_error
+from . import _session
+from ._errors import is_connection_error, is_data_error, is_missing_partition
+from .partitions import Interval
 from .schema import TABLE_NAME, asyncpg_dsn
 
 __all__ = [
@@ -61,7 +67,7 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (
 _INSERT = (
     f"INSERT INTO {TABLE_NAME} ({', '.join(COLUMNS)}) "
     f"SELECT {', '.join(c + _CASTS.get(c, '') for c in COLUMNS)} FROM pg_temp.{STAGING_TABLE} "
-    "ON CONFLICT (event_id) DO NOTHING"
+    "ON CONFLICT (event_id, created_at) DO NOTHING"
 )
 
 # A neighbour for a row that failed alone: the newest stored row, under a new event_id. Only our own
@@ -72,13 +78,10 @@ _COPY_NEWEST = (
     f"FROM {TABLE_NAME} ORDER BY id DESC LIMIT 1"
 )
 
-# Connections whose staging table exists (created outside any transaction, so no rollback undoes it).
-_staged: weakref.WeakSet[asyncpg.Connection[Any]] = weakref.WeakSet()
-
 
 async def connect(settings: Settings) -> asyncpg.Connection[Any]:
     """The drain's PostgreSQL session (one per drain, closed by :func:`close` in the same loop)."""
-    return await asyncpg.connect(
+    conn = await asyncpg.connect(
         asyncpg_dsn(settings.database_url),
         timeout=_CONNECT_TIMEOUT,
         server_settings={"application_name": APPLICATION_NAME},
@@ -86,6 +89,9 @@ async def connect(settings: Settings) -> asyncpg.Connection[Any]:
         # CLI's flush, a solo or threads pool): a timeout releases the batch instead.
         command_timeout=max(30.0, settings.analytics_visibility_timeout / 3),
     )
+    interval: Interval = settings.analytics_partition_interval  # type: ignore[assignment]  # validated
+    _session.session(conn, interval)
+    return conn
 
 
 async def close(conn: asyncpg.Connection[Any]) -> None:
@@ -128,7 +134,12 @@ async def insert_events(
     *,
     before_commit: Callable[[], None] | None = None,
 ) -> InsertResult:
-    """Insert ``events``; one transaction; duplicates of existing event_ids are skipped and counted.
+    """Insert ``events``; one transaction; duplicates (an (event_id, created_at) the table holds, or
+    twice in ``events``) are skipped and counted.
+
+    First, outside the rows' transaction: the schema is checked once per connection
+    (:class:`bridge._errors.NotMigrated` if it is older than this code) and the partitions the rows
+    lack are made (:mod:`bridge._session`).
 
     Opens its own transaction, and calls ``before_commit()`` (if given) inside it after the rows are
     sent. Called inside the caller's transaction it joins that one instead (the caller commits).
@@ -138,6 +149,9 @@ async def insert_events(
     if not events:
         return InsertResult(0, 0)
     records = [record(e) for e in events]
+    moments = [e.created_at for e in events]
+    state = _session.session(conn)
+    await _session.prepare(conn, state, moments)
     if conn.is_in_transaction():
         # The staging table may not exist yet, or hold rows of an earlier call in this transaction.
         await conn.execute(f"{_CREATE_STAGING}; DELETE FROM pg_temp.{STAGING_TABLE}")
@@ -145,10 +159,11 @@ async def insert_events(
         if before_commit is not None:
             before_commit()
         return InsertResult(inserted, len(records) - inserted)
-    for attempt in (1, 2):
-        if conn not in _staged:
+    restaged = repartitioned = False
+    while True:
+        if not state.staged:
             await conn.execute(_CREATE_STAGING)
-            _staged.add(conn)
+            state.staged = True
         try:
             async with conn.transaction():
                 inserted = await _load(conn, records)
@@ -156,12 +171,19 @@ async def insert_events(
                     before_commit()
         except asyncpg.UndefinedTableError:
             # A pool's reset (DISCARD ALL) drops temporary tables behind our back: make it again.
-            _staged.discard(conn)
-            if attempt == 2:
+            state.staged = False
+            if restaged:
                 raise
+            restaged = True
+            continue
+        except asyncpg.CheckViolationError as exc:
+            if repartitioned or not is_missing_partition(exc):
+                raise
+            logger.info("no partition for a row (%s): making the partitions again", exc)
+            await _session.refresh(conn, state, moments)
+            repartitioned = True
             continue
         return InsertResult(inserted, len(records) - inserted)
-    raise AssertionError("unreachable")
 
 
 async def insert_copy_of_newest(conn: asyncpg.Connection[Any]) -> int:

@@ -112,12 +112,16 @@ async def _build_state(settings: Settings) -> dict[str, Any]:
     """Every figure made to a known value: rows, a duplicate, a dead letter, a lease, drops, a queue."""
     keys = QueueKeys(settings.analytics_key_prefix)
     async with AnalyticsClient(settings) as client:
-        first = await client.track_many([{"event_type": "m", "user_id": str(i)} for i in range(3)])
+        at = datetime.now(UTC)
+        first = await client.track_many(
+            [{"event_type": "m", "user_id": str(i), "created_at": at} for i in range(3)]
+        )
         r = redis_client(settings)
         try:
             await r.rpush(keys.queue, b'{"not": "an event"}')  # the drain dead-letters it
             await drain(settings)  # 3 inserted, 1 dead letter
-            await client.track("m", event_id=first[0])  # the same event_id again: a duplicate
+            # the same event again (event_id and created_at: the table's key): a duplicate
+            await client.track("m", event_id=first[0], created_at=at)
             await drain(settings)
             await client.track_many([{"event_type": "m"}] * 2)
             await claim(r, keys, 2, uuid.uuid4().hex)  # a drain that claimed and has not acked: 1 lease

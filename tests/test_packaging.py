@@ -87,3 +87,36 @@ def test_readme_keeps_the_two_commands_and_its_links_resolve() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in ("celery.md", "middleware.md", "testing.md", "deployment.md", "configuration.md"):
         assert f": {page}" in nav, page
+
+
+def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> None:
+    """The Alembic revisions live inside the package: built into a wheel (hatchling, the build backend)
+    and imported from it alone, they still produce the upgrade's SQL (no alembic.ini, no checkout)."""
+    import zipfile
+
+    from hatchling.builders.wheel import WheelBuilder
+
+    (wheel,) = WheelBuilder(str(ROOT)).build(directory=str(tmp_path / "dist"), versions=["standard"])
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    shipped_files = (
+        "env.py",
+        "script.py.mako",
+        "versions/r0001_baseline.py",
+        "versions/r0002_partitioned.py",
+    )
+    for shipped in shipped_files:
+        assert f"bridge/migrations/{shipped}" in names, sorted(n for n in names if "migrations" in n)
+    code = "from bridge.migrations._run import offline_sql; print(offline_sql('month'))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "PARTITION BY RANGE (created_at)" in proc.stdout and "analytics_alembic_version" in proc.stdout

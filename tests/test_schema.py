@@ -1,4 +1,5 @@
-"""The events table (DESIGN §4) and migrate(): types, defaults, indexes, idempotence, database creation."""
+"""The events table (DESIGN §4) and migrate(): types, defaults, indexes, partitioning, the revisions
+shipped in the package, idempotence, database creation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,24 @@ import secrets
 
 import asyncpg
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from bridge.schema import TABLE_NAME, asyncpg_dsn, events_table, metadata, migrate, sqlalchemy_url
+from bridge.migrations import HEAD, REVISIONS, VERSION_TABLE
+from bridge.migrations._run import _config
+from bridge.schema import (
+    EVENT_KEY,
+    TABLE_NAME,
+    asyncpg_dsn,
+    events_table,
+    metadata,
+    migrate,
+    sqlalchemy_url,
+)
 from tests.conftest import PG_ADMIN_URL, _admin
+from tests.legacy import LEGACY_DDL, catalog, scratch_database, upgrade_to
 
 EXPECTED_COLUMNS = {
     # name: (type, nullable, default contains)
@@ -32,7 +48,15 @@ EXPECTED_COLUMNS = {
 def test_metadata_defines_the_table() -> None:
     assert metadata.tables[TABLE_NAME] is events_table
     assert [c.name for c in events_table.columns] == list(EXPECTED_COLUMNS)
-    assert [c.name for c in events_table.primary_key.columns] == ["id"]
+    # partitioned by created_at: every key includes it
+    assert [c.name for c in events_table.primary_key.columns] == ["id", "created_at"]
+    assert events_table.dialect_options["postgresql"]["partition_by"] == "RANGE (created_at)"
+
+
+def test_the_revisions_shipped_are_the_ones_the_drain_knows() -> None:
+    script = ScriptDirectory.from_config(_config("month"))
+    assert script.get_current_head() == HEAD
+    assert [r.revision for r in reversed(list(script.walk_revisions()))] == list(REVISIONS)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +111,12 @@ async def test_migrated_table_has_the_designed_columns_and_indexes(database_url:
             )
         }
         defs = list(indexes.values())
-        assert any("UNIQUE" in d and "(event_id)" in d for d in defs), defs
+        key = indexes[EVENT_KEY]
+        assert key.startswith("CREATE UNIQUE INDEX") and "(event_id, created_at)" in key
+        assert "(id, created_at)" in indexes[f"{TABLE_NAME}_pkey"]
+        assert not any(d.endswith("(event_id)") for d in defs), defs
+        kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = $1::regclass", TABLE_NAME)
+        assert kind == "p"  # partitioned
         assert any("(event_type, created_at)" in d for d in defs), defs
         assert any("(user_id, created_at)" in d for d in defs), defs
     finally:
@@ -164,3 +193,35 @@ async def test_migrate_creates_a_missing_database_and_concurrent_calls_agree() -
 async def test_migrate_reports_an_unreachable_server() -> None:
     with pytest.raises(OSError):
         await migrate("postgresql://postgres@127.0.0.1:1/nothing_here")
+
+
+async def test_a_migrated_database_matches_the_metadata(database_url: str) -> None:
+    """The revisions and the Core metadata describe the same table: autogenerate finds nothing to do."""
+    engine = create_async_engine(sqlalchemy_url(database_url))
+    try:
+        async with engine.connect() as conn:
+
+            def diff(sync: object) -> list[object]:
+                context = MigrationContext.configure(sync, opts={"version_table": VERSION_TABLE})  # type: ignore[arg-type]
+                # only our table: the partitions are made at run time, not by the metadata
+                return [d for d in compare_metadata(context, metadata) if "analytics_events_p" not in str(d)]
+
+            assert await conn.run_sync(diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_the_baseline_revision_is_the_previous_releases_table() -> None:
+    """Adoption stamps a database made by the previous release as revision 0001: that is only right if
+    0001 makes exactly that table (columns, defaults, identity, constraints, indexes)."""
+    async with (
+        scratch_database("analytics_baseline") as by_revision,
+        scratch_database("analytics_old") as old,
+    ):
+        await upgrade_to(by_revision, "0001")
+        conn = await asyncpg.connect(old)
+        try:
+            await conn.execute(LEGACY_DDL)
+        finally:
+            await conn.close()
+        assert await catalog(by_revision) == await catalog(old)

@@ -1,6 +1,6 @@
 """`analytics-bridge` (also `python -m bridge`): operator commands for the queue and the table.
 
-    analytics-bridge migrate                       create the database (if missing), table and indexes
+    analytics-bridge migrate [--sql | --check]     create the database (if missing), upgrade the table
     analytics-bridge status [--json] [--check]     queue, in-flight batches, dead letters, last flush, rows
     analytics-bridge flush [--json]                drain now, inline, with the code the Celery task runs
     analytics-bridge dead-letters list|replay|purge
@@ -26,10 +26,11 @@ import msgspec
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._queue import QueueKeys
-from analytics_sdk._settings import Settings, redact_url
+from analytics_sdk._settings import Settings
 
 from . import _dead as _cli_dead
 from . import _handler as _cli_errors
+from . import _migrate as _cli_migrate
 from . import _status as _cli_status
 from ._check import stuck_reasons
 from ._wire_schema import wire_schema
@@ -78,16 +79,7 @@ def main(ctx: click.Context, log_level: str) -> None:
         raise click.UsageError(f"bad configuration: {exc}") from exc
 
 
-@main.command()
-@click.pass_context
-def migrate(ctx: click.Context) -> None:
-    """Create the database if missing, then the table and indexes (idempotent)."""
-    from ..schema import migrate as run_migrate
-
-    settings = _settings(ctx)
-    _run(run_migrate(settings.database_url), settings)
-    logger.info("migrated %s", redact_url(settings.database_url))
-    click.echo(f"migrated {redact_url(settings.database_url)}")
+main.add_command(_cli_migrate.migrate)
 
 
 @main.command()

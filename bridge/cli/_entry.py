@@ -19,6 +19,7 @@ DISTRIBUTION = "durable-analytics"
 EXTRA_MODULES = {
     "asyncpg": "asyncpg",
     "sqlalchemy": "sqlalchemy[asyncio]",
+    "alembic": "alembic",
     "click": "click",
     "prometheus_client": "prometheus-client",
 }

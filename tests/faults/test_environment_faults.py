@@ -20,6 +20,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -144,13 +145,16 @@ def test_26_identity_sequence_behind_restored_rows(
     restored = [str(uuid.uuid4()) for _ in range(300)]
     for event_id in restored:
         ledger.inject(event_id, "row")
+    # The key is (id, created_at) on the partitioned table: the restored rows and the new events share
+    # a created_at, so an id the sequence hands out again collides (it would not at another instant).
+    when = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
     _sql(
         settings.database_url,
         "INSERT INTO analytics_events (id, event_id, event_type, created_at) OVERRIDING SYSTEM VALUE "
-        "SELECT n, ($1::uuid[])[n], 'restored', now() FROM generate_series(1, 300) AS n",
-        args=(restored,),
+        "SELECT n, ($1::uuid[])[n], 'restored', $2 FROM generate_series(1, 300) AS n",
+        args=(restored, when),
     )
-    ledger.merge(seed(settings, 200))
+    ledger.merge(seed(settings, 200, created_at=when))
     caplog.set_level(logging.INFO)
     for _ in range(3):
         refused = _drain_refused(settings)

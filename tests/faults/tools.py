@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -31,15 +32,24 @@ __all__ = [
 ]
 
 
-def seed(settings: Settings, count: int, *, chunk: int = 1_000, event_type: str = "seed") -> Ledger:
-    """Track ``count`` events through the SDK (track_many, ``chunk`` per MULTI); all accepted."""
+def seed(
+    settings: Settings,
+    count: int,
+    *,
+    chunk: int = 1_000,
+    event_type: str = "seed",
+    created_at: datetime | None = None,
+) -> Ledger:
+    """Track ``count`` events through the SDK (track_many, ``chunk`` per MULTI); all accepted.
+    ``created_at`` gives them all that time (default: the time of tracking)."""
+    when = {} if created_at is None else {"created_at": created_at}
 
     async def push() -> list[str]:
         ids: list[str] = []
         async with AnalyticsClient(settings) as client:
             for start in range(0, count, chunk):
                 batch = [
-                    {"event_type": event_type, "user_id": str(i), "event_metadata": {"i": i}}
+                    {"event_type": event_type, "user_id": str(i), "event_metadata": {"i": i}, **when}
                     for i in range(start, min(count, start + chunk))
                 ]
                 ids += await client.track_many(batch)
