@@ -31,9 +31,9 @@ import asyncpg
 
 from analytics_sdk._event import Event
 
+from . import _session
 from ._errors import is_connection_error
 from .schema import TABLE_NAME
-from . import _session
 from .store import COLUMNS, InsertResult, record
 
 __all__ = ["copy_straight"]
