@@ -146,9 +146,9 @@ class SyncAnalyticsClient:
                 raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one") from exc
             raise
 
-    def _push(self, payloads: list[bytes], size: int = -1) -> None:
+    def _push(self, payloads: list[bytes]) -> None:
         """Hand ``payloads`` to the loop's group commit and wait until Redis acknowledged them."""
-        future = self._get().batcher.submit_threadsafe(payloads, size)
+        future = self._get().batcher.submit_threadsafe(payloads)
         try:
             future.result(self._wait_limit)
         except TimeoutError:
@@ -170,7 +170,7 @@ class SyncAnalyticsClient:
         fields["event_type"] = event_type
         event_id, raw = self._encode(fields)
         if self._enabled:
-            self._push([raw], len(raw))
+            self._push([raw])
         elif self._closed:
             raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
         return event_id

@@ -79,7 +79,7 @@ async def _measure(ctx: Context) -> dict[str, Any]:
     payload = sample_payload()
 
     def transport_call() -> Any:
-        return ours._enqueue([payload])  # diagnostic: the group commit without validation
+        return ours._enqueue_one(payload)  # diagnostic: the group commit without validation
 
     def old_call() -> Any:
         return old.track(EVENT_TYPE, **FIELDS)
