@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -176,6 +177,20 @@ class GroupCommit:
             except RuntimeError:  # the loop is closed: nobody will ever push these
                 self.reject_pending()
         return future
+
+    def busy(self) -> bool:
+        """From any thread (a plain read): events are waiting for the loop's pushes or in one."""
+        return self._flusher is not None or bool(self._inbox)
+
+    def trip(self, cause: BaseException) -> None:
+        """On the loop: a thread's own push (:mod:`._direct`) gave up; open the breaker, probe."""
+        with contextlib.suppress(AnalyticsError):  # closed meanwhile: nobody left to protect
+            self.breaker.trip(self._connect(), cause)
+
+    def pushed(self, result: PushResult) -> None:
+        """On the loop: the after-push callback of a thread's own push (:mod:`._direct`)."""
+        with contextlib.suppress(AnalyticsError):
+            self._on_pushed(self._connect(), result)
 
     def _take_inbox(self) -> None:
         """The wake-up, on the loop: move handed-over events to the waiting list; start the push loop."""
