@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from threading import get_ident
 from types import TracebackType
 from typing import Any, Self
 
@@ -73,6 +74,7 @@ class AnalyticsClient:
         self._sender = TaskSender(self.settings)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # threading.get_ident() of the loop's thread, once _get_redis() checked it
         self._pid = os.getpid()
         self._forks = _forks[0]
         self._metadata_limit = self.settings.analytics_max_metadata_bytes
@@ -155,7 +157,8 @@ class AnalyticsClient:
             for e in events
         ]
         if encoded and self._enabled:
-            await self._enqueue([raw for _, raw in encoded])
+            client = self._get_redis()  # (submit fails at once while the breaker is open)
+            await self._batcher.submit(asyncio.get_running_loop(), client, [raw for _, raw in encoded])
         return [event_id for event_id, _ in encoded]
 
     async def get_queue_size(self) -> int:
@@ -267,32 +270,31 @@ class AnalyticsClient:
             self._batcher.forget()
             self._breaker.forget()
             self._sizes.forget()
-        self._forks = _forks[0]
+        self._forks, self._thread = _forks[0], get_ident()
         if self._redis is None:
-            # No hidden retry: our own bounded one (_breaker.push_with_retry) is the only one, so its
-            # worst case is known; a command past the pool's cap waits for a connection, within the
-            # publish deadline.
+            # No hidden retry: ours (_breaker.push_with_retry) is the only one, its worst case known;
+            # a command past the pool's cap waits for a connection, within the publish deadline.
             self._redis = redis_client(
                 self.settings, max_connections=MAX_CONNECTIONS, wait=self.settings.analytics_publish_timeout
             )
         return self._redis
 
-    # Plain functions returning the future, not coroutines: the caller awaits the future itself (one
-    # coroutine object less per event, one frame less to resume when Redis answers).
-
-    def _enqueue(self, payloads: list[bytes]) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        client = self._redis
-        # One cheap test on the hot path; any doubt (first use, closed, other loop, forked) takes
-        # _get_redis(), which checks everything and raises the right error.
-        if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
-            client = self._get_redis()
-        # (submit fails at once, without queueing, while the breaker says Redis is known down)
-        return self._batcher.submit(loop, client, payloads)
-
     def _enqueue_one(self, payload: bytes) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        client = self._redis
-        if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
+        """A plain function returning the future, not a coroutine: the caller awaits the future
+        itself (one coroutine less per event, one frame less to resume when Redis answers)."""
+        loop, client = self._loop, self._redis
+        # One cheap test per event: in the thread of this client's loop while that loop runs (one
+        # running loop per thread: it is ours), open, not forked. Any doubt takes _get_redis(), which
+        # checks everything and raises the right error. Not asyncio.get_running_loop(): on 3.11
+        # it makes a getpid() syscall per call.
+        if (
+            client is None
+            or loop is None
+            or self._closed
+            or self._thread != get_ident()
+            or self._forks != _forks[0]
+            or not loop.is_running()
+        ):
             client = self._get_redis()
+            loop = asyncio.get_running_loop()
         return self._batcher.submit_one(loop, client, payload)

@@ -1,17 +1,17 @@
 """SyncAnalyticsClient: the async client's surface for threads and sync frameworks.
 
 One :class:`AnalyticsClient` runs on a private event-loop thread. Events from any number of threads
-are handed straight to its group commit (:meth:`GroupCommit.submit_threadsafe`: a deque append and at
-most one pending wake-up of the loop, no portal crossing per call), so they share its MULTIs: eight
-threads calling ``track()`` cost far fewer round trips than eight pipelines. Each thread then waits
-on its own future until Redis has acknowledged its event. A thread that has the client to itself
-(nothing waiting on the loop, nobody else pushing alone) skips the hop and pushes from its own
-thread, under the same rules (:mod:`._direct`): one thread is then as fast as a plain pipeline. Validation and encoding run in the calling
-thread, so a bad event raises there without touching the loop. The rarer calls (queue size, flush,
-close) go through an anyio blocking portal. After ``os.fork()`` the child starts its own loop thread
-and connections on first use; it never touches the parent's. A disabled client
-(``ANALYTICS_ENABLED=false``, :mod:`._disabled`) validates and returns ids and starts nothing: no
-thread, no loop, no connection.
+are handed straight to its group commit (:meth:`GroupCommit.submit_threadsafe`: a deque append and
+at most one pending wake-up of the loop, no portal crossing per call), so they share its MULTIs:
+eight threads calling ``track()`` cost far fewer round trips than eight pipelines. Each thread then
+waits on its own future until Redis has acknowledged its event. A thread that has the client to
+itself (nothing waiting on the loop, nobody else pushing alone) skips the hop and pushes from its
+own thread, under the same rules (:mod:`._direct`): one thread is then as fast as a plain pipeline.
+Validation and encoding run in the calling thread, so a bad event raises there without touching the
+loop. The rarer calls (queue size, flush, close) go through an anyio blocking portal. After
+``os.fork()`` the child starts its own loop thread and connections on first use; it never touches
+the parent's. A disabled client (``ANALYTICS_ENABLED=false``, :mod:`._disabled`) validates and
+returns ids and starts nothing: no thread, no loop, no connection.
 """
 
 from __future__ import annotations
