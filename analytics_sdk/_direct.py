@@ -41,6 +41,11 @@ __all__ = ["DirectLane"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two looks of the loop at direct pushes' results while they keep coming. Waking the
+#: loop thread for each (its self-pipe, a thread switch, the GIL handed over and back) cost more than
+#: the push itself: 89 us against 43 us per event from one thread.
+AFTER_PUSH_EVERY = 0.05
+
 
 def _blocking_client(settings: Settings) -> redis.Redis:
     """A blocking client with no hidden retry, as :func:`._redis.redis_client` makes async ones."""
@@ -62,7 +67,8 @@ class DirectLane:
     """The push of one thread at a time, in that thread. :meth:`try_push` says whether it pushed.
 
     ``busy()`` tells whether the loop's group commit has events (then a thread joins them there);
-    ``on_loop(fn, *args)`` runs ``fn`` on the loop and waits; ``soon(fn)`` schedules it there.
+    ``on_loop(fn, *args)`` runs ``fn`` on the loop and waits; ``soon(fn)`` schedules it there from
+    another thread, ``later(delay, fn)`` from the loop itself.
     """
 
     def __init__(
@@ -73,18 +79,20 @@ class DirectLane:
         busy: Callable[[], bool],
         on_loop: Callable[..., object],
         soon: Callable[[Callable[[], None]], object],
+        later: Callable[[float, Callable[[], None]], object],
         trip: Callable[[BaseException], None],
         after_push: Callable[[PushResult], None],
     ) -> None:
         self._settings = settings
         self._keys = keys
         self._breaker = breaker
-        self._busy, self._on_loop, self._soon = busy, on_loop, soon
+        self._busy, self._on_loop, self._soon, self._later = busy, on_loop, soon, later
         self._trip, self._after_push = trip, after_push
         self._lock = threading.Lock()
         self._closed = False
         self._redis: redis.Redis | None = None
-        # Results waiting for the loop's after-push callback; one wake-up of the loop at a time.
+        # Results waiting for the loop's after-push callback. _after_pending True: the loop will look
+        # at them without being woken (a wake-up is scheduled, or the loop looks again soon).
         self._results: collections.deque[PushResult] = collections.deque()
         self._after_pending = False
 
@@ -111,17 +119,32 @@ class DirectLane:
         return True
 
     def close(self) -> None:
-        """No direct push after this; waits for the one under way (bounded by its deadline)."""
+        """No direct push after this; waits for the one under way (bounded by its deadline), and
+        has the loop run the after-push callback of every push made (drop counts included)."""
         with self._lock:
             self._closed = True
             if self._redis is not None:
                 self._redis.close()
                 self._redis = None
+        with contextlib.suppress(RuntimeError):  # the loop has ended: nothing left to tell
+            self._on_loop(self._report)
 
-    def _run_after_push(self) -> None:
-        self._after_pending = False  # before emptying (the reasoning of GroupCommit.submit_threadsafe)
+    def _report(self) -> None:
         while self._results:
             self._after_push(self._results.popleft())
+
+    def _run_after_push(self) -> None:
+        """On the loop: report the results so far, then look again in AFTER_PUSH_EVERY while they keep
+        coming (threads leave the loop asleep meanwhile); once none came, go idle."""
+        if not self._results:
+            # Clear, then look once more: an append that read the flag before the clearing did not
+            # wake the loop (the reasoning of GroupCommit.submit_threadsafe).
+            self._after_pending = False
+            if not self._results:
+                return
+            self._after_pending = True
+        self._report()
+        self._later(AFTER_PUSH_EVERY, self._run_after_push)
 
     def _push(self, payloads: list[bytes]) -> PushResult:
         settings, keys = self._settings, self._keys

@@ -143,6 +143,7 @@ class SyncAnalyticsClient:
                     busy=batcher.busy,
                     on_loop=portal.call,
                     soon=loop.call_soon_threadsafe,
+                    later=loop.call_later,
                     trip=batcher.trip,
                     after_push=batcher.pushed,
                 )
