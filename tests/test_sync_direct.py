@@ -25,15 +25,10 @@ KEYS = QueueKeys("direct")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with start_redis(tmp_path) as srv:
-        yield srv
-
-
-@pytest.fixture
-def admin(server: RedisServer) -> Iterator[redis.Redis]:
-    with server.client() as client:
-        yield client
+def pair(tmp_path: Path) -> Iterator[tuple[RedisServer, redis.Redis]]:
+    """A throwaway server (its command counts and pauses are ours alone) and an admin client."""
+    with start_redis(tmp_path) as server, server.client() as admin:
+        yield server, admin
 
 
 def settings_for(url: str, **changes: object) -> Settings:
@@ -49,9 +44,10 @@ def queued_ids(admin: redis.Redis) -> list[str]:
     return [decode(raw).event_id for raw in admin.lrange(KEYS.queue, 0, -1)]
 
 
-def test_a_lone_thread_pushes_from_its_own_thread(server: RedisServer, admin: redis.Redis) -> None:
+def test_a_lone_thread_pushes_from_its_own_thread(pair: tuple[RedisServer, redis.Redis]) -> None:
     """With the loop thread held up, a lone thread's track() still returns: it did not go through the
     loop (before the direct lane, each event cost two thread wake-ups and a hop through the loop)."""
+    server, admin = pair
     with SyncAnalyticsClient(settings_for(server.url)) as client:
         client.track("warm-up")
         runtime = client._runtime
@@ -77,8 +73,9 @@ def test_a_lone_thread_pushes_from_its_own_thread(server: RedisServer, admin: re
         assert queued_ids(admin)[1:] == outcome
 
 
-def test_threads_share_pushes_while_one_pushes_alone(server: RedisServer, admin: redis.Redis) -> None:
+def test_threads_share_pushes_while_one_pushes_alone(pair: tuple[RedisServer, redis.Redis]) -> None:
     """Threads that find the lane taken go to the loop's group commit: every event once, few pushes."""
+    server, admin = pair
     with SyncAnalyticsClient(settings_for(server.url)) as client:
         client.track("warm-up")
         admin.config_resetstat()
@@ -102,8 +99,9 @@ def test_threads_share_pushes_while_one_pushes_alone(server: RedisServer, admin:
 
 
 def test_a_lone_threads_timed_out_push_is_retried_under_one_token(
-    server: RedisServer, admin: redis.Redis
+    pair: tuple[RedisServer, redis.Redis],
 ) -> None:
+    server, admin = pair
     settings = settings_for(server.url, analytics_redis_timeout=0.2, analytics_publish_retries=20)
     with SyncAnalyticsClient(settings) as client:
         client.track("warm-up")
@@ -115,10 +113,11 @@ def test_a_lone_threads_timed_out_push_is_retried_under_one_token(
 
 
 async def test_a_lone_threads_lost_reply_is_queued_and_counted_once(
-    server: RedisServer, admin: redis.Redis
+    pair: tuple[RedisServer, redis.Redis],
 ) -> None:
     """Redis ran the push, the reply was lost: the retry (same token) queues nothing twice and the
     first run's trim stays counted. The client runs in a thread, the proxy on this loop."""
+    server, admin = pair
     async with LossyProxy(server.port) as proxy:
         settings = settings_for(proxy.url, analytics_redis_timeout=0.3, analytics_max_queue_size=3)
 
@@ -138,10 +137,11 @@ async def test_a_lone_threads_lost_reply_is_queued_and_counted_once(
 
 
 def test_a_lone_threads_drops_are_reported_by_the_loop(
-    server: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+    pair: tuple[RedisServer, redis.Redis], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The after-push callback (drop warnings, backlog trigger) runs on the loop for direct pushes too:
     the warnings add up to the exact count in Redis."""
+    server, admin = pair
     caplog.set_level(logging.WARNING, "analytics_sdk._client")
     with SyncAnalyticsClient(settings_for(server.url, analytics_max_queue_size=2)) as client:
         for _ in range(7):
