@@ -24,7 +24,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -95,6 +95,8 @@ class GroupCommit:
         self._closed = False
         self._call_soon_threadsafe: Callable[[Callable[[], None]], object] = _not_attached
         self._connect: Callable[[], aioredis.Redis] = _not_attached
+        # On the loop, before each push: what must land first (a thread's own push, see _direct), or None.
+        self.ahead: Callable[[], Awaitable[None] | None] = lambda: None
 
     def submit(
         self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payloads: list[bytes]
@@ -269,6 +271,9 @@ class GroupCommit:
                 if not batch:  # only empty payloads (or none left): nothing to send
                     settle_all(futures)
                     continue
+                ahead = self.ahead()  # a thread's own push under way: ours must land after it
+                if ahead is not None:
+                    await ahead
                 try:
                     result = await push_with_retry(
                         client, self.keys, batch, self.settings, self.breaker, deadline

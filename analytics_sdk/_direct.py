@@ -15,12 +15,14 @@ loop (which probes); the after-push callback (dropped count, backlog trigger) ru
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
@@ -63,6 +65,11 @@ def _blocking_client(settings: Settings) -> redis.Redis:
     return client
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class DirectLane:
     """The push of one thread at a time, in that thread. :meth:`try_push` says whether it pushed.
 
@@ -88,7 +95,8 @@ class DirectLane:
         self._breaker = breaker
         self._busy, self._on_loop, self._soon, self._later = busy, on_loop, soon, later
         self._trip, self._after_push = trip, after_push
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for a direct push (and while close() ends the lane)
+        self._waiter: asyncio.Future[None] | None = None  # the loop's, waiting for that push to end
         self._closed = False
         self._redis: redis.Redis | None = None
         # Results waiting for the loop's after-push callback. _after_pending True: the loop will look
@@ -108,7 +116,7 @@ class DirectLane:
                 raise self._breaker.error()
             result = self._push(payloads)
         finally:
-            self._lock.release()
+            self._release()
         self._results.append(result)
         if not self._after_pending:
             self._after_pending = True
@@ -118,14 +126,38 @@ class DirectLane:
                 self._after_pending = False
         return True
 
+    def ahead(self) -> asyncio.Future[None] | None:
+        """On the loop, before each of its pushes: a future resolved once the direct push under way
+        has ended, or None if there is none. Events handed to the loop while a thread pushes alone
+        were handed over after that thread's, so they must land after them: hand-over order holds
+        across both ways in (a request's event before the next request's, whichever way each went)."""
+        if not self._lock.locked():
+            return None
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        if not self._lock.locked():  # released before it could see the waiter: nothing to wait for
+            self._waiter = None
+            return None
+        return waiter
+
+    def _release(self) -> None:
+        self._lock.release()
+        waiter, self._waiter = self._waiter, None  # read after the release: see ahead()
+        if waiter is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended: nobody waits any more
+                self._soon(partial(_resolve, waiter))
+
     def close(self) -> None:
         """No direct push after this; waits for the one under way (bounded by its deadline), and
         has the loop run the after-push callback of every push made (drop counts included)."""
-        with self._lock:
+        self._lock.acquire()
+        try:
             self._closed = True
             if self._redis is not None:
                 self._redis.close()
                 self._redis = None
+        finally:
+            self._release()
         with contextlib.suppress(RuntimeError):  # the loop has ended: nothing left to tell
             self._on_loop(self._report)
 

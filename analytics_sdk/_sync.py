@@ -147,6 +147,7 @@ class SyncAnalyticsClient:
                     trip=batcher.trip,
                     after_push=batcher.pushed,
                 )
+                batcher.ahead = direct.ahead
                 runtime = _Runtime(pid, portal, client, batcher, thread, direct)
                 self._runtime = runtime
         return runtime

@@ -10,11 +10,13 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from helpers import wait_for_sync
 from lossy_proxy import LossyProxy
 from servers import RedisServer, start_redis
 
@@ -149,3 +151,30 @@ def test_a_lone_threads_drops_are_reported_by_the_loop(
     assert admin.get(KEYS.dropped) == b"5"
     logged = [re.search(r"dropped the (\d+) oldest", r.getMessage()) for r in caplog.records]
     assert sum(int(m.group(1)) for m in logged if m) == 5
+
+
+def test_the_loop_pushes_after_a_direct_push_under_way(pair: tuple[RedisServer, redis.Redis]) -> None:
+    """Hand-over order holds across both ways in: an event handed to the loop while a thread pushes
+    alone is pushed only once that push has ended. (The WSGI middleware tracks once the response is
+    sent, so the next request's track() can overlap the last one's; their events stay in order.)"""
+    server, admin = pair
+    with SyncAnalyticsClient(settings_for(server.url)) as client:
+        client.track("warm-up")
+        runtime = client._runtime
+        assert runtime is not None
+        lane = runtime.direct
+        assert lane._lock.acquire(timeout=5)  # what a thread holds while its own push is out
+        outcome: list[str] = []
+        later = threading.Thread(target=lambda: outcome.append(client.track("handed-to-the-loop")))
+        try:
+            later.start()
+            wait_for_sync(runtime.batcher.busy, timeout=5, message="the event went to the loop")
+            held_until = time.monotonic() + 0.5
+            while time.monotonic() < held_until:  # polled: nothing may be pushed meanwhile
+                assert admin.llen(KEYS.queue) == 1, "the loop pushed ahead of the direct push"
+                time.sleep(0.02)
+        finally:
+            lane._release()  # the direct push has ended: the loop goes on
+            later.join(10)
+        assert not later.is_alive()
+        assert queued_ids(admin)[1:] == outcome
