@@ -54,20 +54,14 @@ AFTER_PUSH_EVERY = 0.05
 SHARED_FOR = 0.05
 
 
-def _blocking_client(settings: Settings) -> redis.Redis:
-    """A blocking client with no hidden retry, as :func:`._redis.redis_client` makes async ones."""
-    timeout = min(settings.analytics_redis_timeout, settings.analytics_publish_timeout)
-    client = redis.Redis.from_url(
-        settings.redis_dsn,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-    client.set_retry(Retry(NoBackoff(), 0))  # the URL's query string wins over keyword arguments
-    kwargs = client.connection_pool.connection_kwargs
-    kwargs["retry_on_timeout"] = False
-    kwargs["retry_on_error"] = []
-    return client
+def _connection(settings: Settings) -> redis.connection.AbstractConnection:
+    """One blocking connection (not connected yet) with no hidden retry, as :mod:`._redis` makes
+    the async clients: the URL's query string cannot turn redis-py's retries back on."""
+    pool = redis.ConnectionPool.from_url(settings.redis_dsn)
+    kwargs = {**pool.connection_kwargs, "retry_on_timeout": False, "retry_on_error": []}
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    connection: redis.connection.AbstractConnection = pool.connection_class(**kwargs)
+    return connection
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -104,7 +98,7 @@ class DirectLane:
         self._waiter: asyncio.Future[None] | None = None  # the loop's, waiting for that push to end
         self._closed = False
         self._shared_until = 0.0  # time.monotonic() before which threads go to the loop
-        self._redis: redis.Redis | None = None
+        self._connection: redis.connection.AbstractConnection | None = None  # only under the lock
         # Results waiting for the loop's after-push callback. _after_pending True: the loop will look
         # at them without being woken (a wake-up is scheduled, or the loop looks again soon).
         self._results: collections.deque[PushResult] = collections.deque()
@@ -163,9 +157,9 @@ class DirectLane:
         self._lock.acquire()
         try:
             self._closed = True
-            if self._redis is not None:
-                self._redis.close()
-                self._redis = None
+            if self._connection is not None:
+                self._connection.disconnect()  # type: ignore[no-untyped-call]
+                self._connection = None
         finally:
             self._release()
         with contextlib.suppress(RuntimeError):  # the loop has ended: nothing left to tell
@@ -219,25 +213,25 @@ class DirectLane:
         raise AssertionError("unreachable")
 
     def _run(self, args: tuple[Any, ...], payloads: list[bytes], deadline: float) -> Any:
-        """One attempt: EVALSHA (EVAL on a server that does not know the script yet), its reply
-        awaited for ``ANALYTICS_REDIS_TIMEOUT``, and never past ``deadline``."""
-        if self._redis is None:
-            self._redis = _blocking_client(self._settings)
-        pool = self._redis.connection_pool
-        connection = pool.get_connection()  # connects if needed, within the socket timeouts
+        """One attempt: EVALSHA (EVAL on a server that does not know the script yet). Connecting and
+        each reply are bounded by ``ANALYTICS_REDIS_TIMEOUT`` and by what is left of ``deadline``."""
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = _connection(self._settings)
         try:
             for command, script in (("EVALSHA", _lua.PUSH.sha), ("EVAL", _lua.PUSH.source)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RedisTimeoutError("the publish deadline passed before the push was sent")
+                bound = min(left, self._settings.analytics_redis_timeout)
+                connection.socket_connect_timeout = connection.socket_timeout = bound
+                connection.connect()  # type: ignore[no-untyped-call]  # a no-op once connected
                 connection.send_command(command, script, *args, *payloads)  # type: ignore[no-untyped-call]
                 try:
-                    return connection.read_response(timeout=min(left, self._settings.analytics_redis_timeout))
+                    return connection.read_response(timeout=bound)
                 except NoScriptError:
                     continue
             raise AssertionError("unreachable")
         except BaseException:
-            connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may still come: this connection is not reusable
+            connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may still come: not reusable
             raise
-        finally:
-            pool.release(connection)

@@ -20,7 +20,7 @@ from helpers import wait_for_sync
 from lossy_proxy import LossyProxy
 from servers import RedisServer, start_redis
 
-from analytics_sdk import Settings, SyncAnalyticsClient, decode
+from analytics_sdk import PublishError, Settings, SyncAnalyticsClient, decode
 from analytics_sdk._queue import QueueKeys
 
 KEYS = QueueKeys("direct")
@@ -178,3 +178,22 @@ def test_the_loop_pushes_after_a_direct_push_under_way(pair: tuple[RedisServer, 
             later.join(10)
         assert not later.is_alive()
         assert queued_ids(admin)[1:] == outcome
+
+
+def test_a_lone_threads_wrong_password_is_not_retried(
+    pair: tuple[RedisServer, redis.Redis], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, admin = pair
+    admin.config_set("requirepass", "right")
+    url = server.url.replace("redis://", "redis://:wrong@")
+    caplog.set_level(logging.WARNING, "analytics_sdk._direct")
+    client = SyncAnalyticsClient(settings_for(url, analytics_publish_retries=5))
+    try:
+        with pytest.raises(PublishError, match="credentials") as info:
+            client.track("denied")
+    finally:
+        client.close()
+        admin.config_set("requirepass", "")  # the admin connection was authenticated before
+    assert isinstance(info.value.__cause__, redis.AuthenticationError)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert "wrong" not in str(info.value)
