@@ -1,7 +1,8 @@
 """Group commit: the engine that turns many concurrent ``track()`` calls into few Redis pushes.
 
 Calls that arrive while a pipeline is in flight wait together and go in the next single push (at
-most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``). Each caller's future is resolved only once
+most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``; more is split evenly, see
+:mod:`._waiting`, which keeps the waiting list). Each caller's future is resolved only once
 Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
 trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
 Redis makes each push (one script) atomic.
@@ -13,7 +14,8 @@ the client's :class:`._breaker.Breaker` opens and every waiting event fails at o
 
 Other threads hand events over with :meth:`GroupCommit.submit_threadsafe` (SyncAnalyticsClient): an
 append to a deque and, only when none is pending already, one wake-up of the loop; the loop moves
-them onto the same waiting list, so events from many threads share one push too.
+them onto the same waiting list, so events from many threads share one push too. (A thread alone
+pushes by itself, :mod:`._direct`; the loop's next push waits for it: :attr:`GroupCommit.ahead`.)
 """
 
 from __future__ import annotations
