@@ -1,7 +1,8 @@
 """Group commit: the engine that turns many concurrent ``track()`` calls into few Redis pushes.
 
 Calls that arrive while a pipeline is in flight wait together and go in the next single push (at
-most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``). Each caller's future is resolved only once
+most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``; more is split evenly, see
+:mod:`._waiting`, which keeps the waiting list). Each caller's future is resolved only once
 Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
 trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
 Redis makes each push (one script) atomic.
@@ -13,7 +14,8 @@ the client's :class:`._breaker.Breaker` opens and every waiting event fails at o
 
 Other threads hand events over with :meth:`GroupCommit.submit_threadsafe` (SyncAnalyticsClient): an
 append to a deque and, only when none is pending already, one wake-up of the loop; the loop moves
-them onto the same waiting list, so events from many threads share one push too.
+them onto the same waiting list, so events from many threads share one push too. (A thread alone
+pushes by itself, :mod:`._direct`; the loop's next push waits for it: :attr:`GroupCommit.ahead`.)
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -33,6 +36,8 @@ from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
 from ._queue import PushResult
 from ._settings import Settings
+from ._waiting import Future as _Future
+from ._waiting import Waiting, settle, settle_all
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "GroupCommit"]
 
@@ -41,25 +46,8 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_EVENTS = 1_000
 MAX_BATCH_BYTES = 1 << 20
 
-# An async caller's future or a thread's: both have done(), set_result() and set_exception().
-_Future: TypeAlias = "asyncio.Future[None] | concurrent.futures.Future[None]"
-# (payloads, their bytes, the caller's future, its deadline in time.monotonic() seconds)
-_Waiter = tuple[list[bytes], int, _Future, float]
-_INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
-
-
-def _settle(future: _Future, error: BaseException | None = None) -> None:
-    """Resolve a caller's future unless it is done. A thread may cancel its own at any moment (it gave
-    up waiting), even between done() and the set: the caller has gone, not the push loop's error."""
-    if future.done():
-        return
-    try:
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-    except _INVALID_STATE:
-        pass
+# What a thread hands over: (payloads, the caller's future, its deadline in time.monotonic() seconds)
+_Handed = tuple[list[bytes], _Future, float]
 
 
 def _not_attached(*args: Any) -> Any:
@@ -72,8 +60,8 @@ def _publish_error(message: str, cause: BaseException | None) -> PublishError:
     return error
 
 
-def _pop_all(inbox: collections.deque[_Waiter]) -> list[_Waiter]:
-    taken: list[_Waiter] = []
+def _pop_all(inbox: collections.deque[_Handed]) -> list[_Handed]:
+    taken: list[_Handed] = []
     while True:
         try:
             taken.append(inbox.popleft())
@@ -100,26 +88,45 @@ class GroupCommit:
         self._on_pushed = on_pushed
         self.breaker = breaker
         self._timeout = settings.analytics_publish_timeout
-        self._waiting: list[_Waiter] = []
+        self._waiting = Waiting()
         self._flusher: asyncio.Task[None] | None = None
         # Thread side (see submit_threadsafe): the inbox, whether the loop will look at it without
         # being woken, whether the client is closing, and what attach() gives.
-        self._inbox: collections.deque[_Waiter] = collections.deque()
+        self._inbox: collections.deque[_Handed] = collections.deque()
         self._wake_pending = False
         self._closed = False
         self._call_soon_threadsafe: Callable[[Callable[[], None]], object] = _not_attached
         self._connect: Callable[[], aioredis.Redis] = _not_attached
+        # On the loop, before each push: what must land first (a thread's own push, see _direct), or None.
+        self.ahead: Callable[[], Awaitable[None] | None] = lambda: None
 
     def submit(
-        self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payloads: list[bytes], size: int = -1
+        self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payloads: list[bytes]
     ) -> asyncio.Future[None]:
         """Queue ``payloads`` for the next push; the future resolves once Redis acknowledged them."""
         future: asyncio.Future[None] = loop.create_future()
         if self.breaker.is_open:
             future.set_exception(self.breaker.error())
             return future
-        weight = sum(map(len, payloads)) if size < 0 else size
-        self._waiting.append((payloads, weight, future, time.monotonic() + self._timeout))
+        self._waiting.add(future, payloads, time.monotonic() + self._timeout)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_loop(client))
+        return future
+
+    def submit_one(
+        self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payload: bytes
+    ) -> asyncio.Future[None]:
+        """:meth:`submit` of one event (``track()``), inlined: no list and no call per event."""
+        future: asyncio.Future[None] = loop.create_future()
+        if self.breaker.is_open:
+            future.set_exception(self.breaker.error())
+            return future
+        waiting = self._waiting
+        waiting.futures.append(future)
+        waiting.counts.append(1)
+        waiting.dues.append(time.monotonic() + self._timeout)
+        waiting.payloads.append(payload)
+        waiting.size += len(payload)
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_loop(client))
         return future
@@ -131,7 +138,7 @@ class GroupCommit:
 
     def forget(self) -> None:
         """After a fork: the parent's waiters and push loop are not the child's to finish."""
-        self._waiting, self._flusher = [], None
+        self._waiting, self._flusher = Waiting(), None
         self._inbox, self._wake_pending = collections.deque(), False
 
     def close(self) -> None:
@@ -148,7 +155,7 @@ class GroupCommit:
         """
         self._call_soon_threadsafe, self._connect = loop.call_soon_threadsafe, connect
 
-    def submit_threadsafe(self, payloads: list[bytes], size: int = -1) -> concurrent.futures.Future[None]:
+    def submit_threadsafe(self, payloads: list[bytes]) -> concurrent.futures.Future[None]:
         """From any thread: queue ``payloads`` for the next push; resolved once Redis acknowledged.
 
         No lock: ``deque.append`` is atomic, and the loop is woken only when it would not look at the
@@ -166,8 +173,7 @@ class GroupCommit:
         if self.breaker.is_open:  # a plain read from this thread: fail fast without waking the loop
             future.set_exception(self.breaker.error())
             return future
-        weight = sum(map(len, payloads)) if size < 0 else size
-        self._inbox.append((payloads, weight, future, time.monotonic() + self._timeout))
+        self._inbox.append((payloads, future, time.monotonic() + self._timeout))
         if not self._wake_pending:
             self._wake_pending = True
             try:
@@ -175,6 +181,20 @@ class GroupCommit:
             except RuntimeError:  # the loop is closed: nobody will ever push these
                 self.reject_pending()
         return future
+
+    def busy(self) -> bool:
+        """From any thread (a plain read): events are waiting for the loop's pushes or in one."""
+        return self._flusher is not None or bool(self._inbox)
+
+    def trip(self, cause: BaseException) -> None:
+        """On the loop: a thread's own push (:mod:`._direct`) gave up; open the breaker, probe."""
+        with contextlib.suppress(AnalyticsError):  # closed meanwhile: nobody left to protect
+            self.breaker.trip(self._connect(), cause)
+
+    def pushed(self, result: PushResult) -> None:
+        """On the loop: the after-push callback of a thread's own push (:mod:`._direct`)."""
+        with contextlib.suppress(AnalyticsError):
+            self._on_pushed(self._connect(), result)
 
     def _take_inbox(self) -> None:
         """The wake-up, on the loop: move handed-over events to the waiting list; start the push loop."""
@@ -189,25 +209,30 @@ class GroupCommit:
         try:
             client = self._connect()
         except Exception as exc:  # not a closed client: close() marked this engine closed first
-            for _, _, future, _ in taken:
+            for _, future, _ in taken:
                 error = PublishError(f"could not start pushing: {exc}")
                 error.__cause__ = exc
-                _settle(future, error)
+                settle(future, error)
             return
-        self._waiting += taken
+        self._add(taken)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(client))
         # The push loop empties the inbox after every push and clears the flag before it goes idle:
         # until then threads need not wake the loop (a write and a read of its self-pipe saved).
         self._wake_pending = True
 
-    def _admit(self, taken: list[_Waiter]) -> bool:
+    def _admit(self, taken: list[_Handed]) -> bool:
         """Put handed-over events on the waiting list, or fail them once the client is closing."""
         if self._closed:
-            for _, _, future, _ in taken:
-                _settle(future, ClientClosedError("the client is closed; create a new one"))
+            for _, future, _ in taken:
+                settle(future, ClientClosedError("the client is closed; create a new one"))
             return False
-        self._waiting += taken
+        self._add(taken)
         return True
+
+    def _add(self, taken: list[_Handed]) -> None:
+        add = self._waiting.add
+        for payloads, future, due in taken:
+            add(future, payloads, due)
 
     def reject_pending(self) -> None:
         """Once the loop has stopped for good (or is closed): fail every event still waiting.
@@ -216,35 +241,14 @@ class GroupCommit:
         were failed by the push loop itself when it was cancelled; these were never sent.
         """
         self._wake_pending = False  # before popping, for the same reason as in _take_inbox
-        pending, self._waiting = [*self._waiting, *_pop_all(self._inbox)], []
-        for _, _, future, _ in pending:
-            _settle(future, ClientClosedError("the client was closed before this event was pushed"))
+        pending = [*self._waiting.clear(), *(future for _, future, _ in _pop_all(self._inbox))]
+        for future in pending:
+            settle(future, ClientClosedError("the client was closed before this event was pushed"))
 
     # -- the push loop ------------------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[bytes], list[_Future], float]:
-        """The next push's payloads, their callers' futures, and the earliest of their deadlines."""
-        batch: list[bytes] = []
-        futures: list[_Future] = []
-        size = taken = 0
-        deadline = now = time.monotonic()
-        for payloads, weight, future, due in self._waiting:
-            if future.done():  # its caller was cancelled before the send: never pushed
-                taken += 1
-                continue
-            if due <= now:  # waited out its whole publish timeout behind earlier pushes: never sent
-                _settle(future, PublishError(f"not sent: no push could take it within {self._timeout}s"))
-                taken += 1
-                continue
-            if batch and (len(batch) + len(payloads) > MAX_BATCH_EVENTS or size + weight > MAX_BATCH_BYTES):
-                break
-            deadline = due if not batch else min(deadline, due)
-            batch.extend(payloads)
-            futures.append(future)
-            size += weight
-            taken += 1
-        del self._waiting[:taken]
-        return batch, futures, deadline
+    def _expire(self, future: _Future) -> None:
+        settle(future, PublishError(f"not sent: no push could take it within {self._timeout}s"))
 
     async def _flush_loop(self, client: aioredis.Redis) -> None:
         futures: list[_Future] = []
@@ -253,9 +257,8 @@ class GroupCommit:
                 if self._inbox:  # handed over by threads while the last push was out
                     self._admit(_pop_all(self._inbox))
                 if self.breaker.is_open:  # Redis is known down: nobody waits for it
-                    for _, _, future, _ in self._waiting:
-                        _settle(future, self.breaker.error())
-                    self._waiting.clear()
+                    for future in self._waiting.clear():
+                        settle(future, self.breaker.error())
                 if not self._waiting:
                     # Going idle: from now on threads must wake the loop. Clear, then look once more
                     # (see submit_threadsafe); keep going if an append got in before the clearing.
@@ -264,30 +267,33 @@ class GroupCommit:
                         break
                     self._wake_pending = True
                     continue
-                batch, futures, deadline = self._take_batch()
-                if not batch:  # only empty payloads: nothing to send, nobody left waiting
-                    for future in futures:
-                        _settle(future)
+                batch, futures, deadline = self._waiting.take(
+                    time.monotonic(), MAX_BATCH_EVENTS, MAX_BATCH_BYTES, self._expire
+                )
+                if not batch:  # only empty payloads (or none left): nothing to send
+                    settle_all(futures)
                     continue
+                ahead = self.ahead()  # a thread's own push under way: ours must land after it
+                if ahead is not None:
+                    await ahead
                 try:
                     result = await push_with_retry(
                         client, self.keys, batch, self.settings, self.breaker, deadline
                     )
                 except PublishError as exc:
                     for future in futures:  # each caller its own error, chained to the Redis one
-                        _settle(future, _publish_error(str(exc), exc.__cause__))
+                        settle(future, _publish_error(str(exc), exc.__cause__))
                     continue
-                for future in futures:
-                    _settle(future)
+                settle_all(futures)
                 self._on_pushed(client, result)
         except BaseException as exc:
             # A bug or a cancellation here must not leave any caller waiting forever: not those whose
             # batch was in flight (off _waiting already), nor those queued, nor those in the inbox
             # (the flag cleared first, so that threads handing over later wake the loop themselves).
             self._wake_pending = False
-            for future in [*futures, *(f for _, _, f, _ in [*self._waiting, *_pop_all(self._inbox)])]:
-                _settle(future, _publish_error(f"the client's push loop stopped: {exc!r}", exc))
-            self._waiting.clear()
+            queued = [*self._waiting.clear(), *(f for _, f, _ in _pop_all(self._inbox))]
+            for future in [*futures, *queued]:
+                settle(future, _publish_error(f"the client's push loop stopped: {exc!r}", exc))
             raise
         finally:
             self._flusher = None

@@ -37,7 +37,7 @@ from ._keys import QueueKeys
 from ._queue import PushResult, new_token, push
 from ._settings import Settings
 
-__all__ = ["PROBE_INTERVAL", "Breaker", "push_with_retry"]
+__all__ = ["PROBE_INTERVAL", "Breaker", "gave_up", "push_with_retry", "retry_delay"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,30 @@ class Breaker:
         self.is_open, self._cause, self._probe = False, None, None
 
 
+def retry_delay(attempt: int, retries: int, deadline: float, expired: bool) -> float | None:
+    """After attempt ``attempt`` (from 0) failed on a connection error or a timeout: the backoff to
+    wait before the next one (exponential, with jitter), or ``None`` when the retries are spent or
+    the deadline would pass first. Shared by the loop's pushes and a thread's own (:mod:`._direct`)."""
+    delay = min(1.0, 0.05 * 2.0**attempt) * (0.5 + random.random())
+    if expired or attempt == retries or time.monotonic() + delay >= deadline:
+        return None
+    return delay
+
+
+def gave_up(exc: BaseException, events: int, attempts: int, expired: bool, limit: float) -> PublishError:
+    """The error of a push that gave up after ``attempts`` on a connection error or a timeout."""
+    if expired:
+        message = f"no acknowledgment within ANALYTICS_PUBLISH_TIMEOUT={limit}s"
+    else:
+        message = f"not acknowledged after {attempts} attempt(s) within {limit}s"
+    error = PublishError(
+        f"Redis did not acknowledge {events} event(s): {message} (they may or may not "
+        f"have been queued): {Breaker.describe(exc)}"
+    )
+    error.__cause__ = exc
+    return error
+
+
 async def push_with_retry(
     client: aioredis.Redis,
     keys: QueueKeys,
@@ -138,18 +162,11 @@ async def push_with_retry(
             # A push that timed out may have run: re-sent with the same token, it queues nothing twice
             # if Redis ran the first within the guard's lifetime; a copy queued anyway (a retry by
             # another route) becomes one row through the sink's ON CONFLICT (event_id).
-            delay = min(1.0, 0.05 * 2**attempt) * (0.5 + random.random())
-            if bound.expired() or attempt == retries or time.monotonic() + delay >= deadline:
+            delay = retry_delay(attempt, retries, deadline, bound.expired())
+            if delay is None:
                 breaker.trip(client, exc)
                 limit = settings.analytics_publish_timeout
-                if bound.expired():
-                    message = f"no acknowledgment within ANALYTICS_PUBLISH_TIMEOUT={limit}s"
-                else:
-                    message = f"not acknowledged after {attempt + 1} attempt(s) within {limit}s"
-                raise PublishError(
-                    f"Redis did not acknowledge {len(batch)} event(s): {message} (they may or may not "
-                    f"have been queued): {Breaker.describe(exc)}"
-                ) from exc
+                raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
             logger.warning("push of %s event(s) failed (%s); retrying in %.2fs", len(batch), exc, delay)
             await asyncio.sleep(delay)
         except RedisError as exc:

@@ -2,9 +2,8 @@
 
 Group commit (:class:`._batcher.GroupCommit`, which the client owns): ``track()`` calls that arrive
 while a pipeline is in flight wait together and go in the next single push. Each caller returns only
-once Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
-trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and Redis
-makes each push (one script) atomic. The client keeps the public API, its lifecycle and the backlog trigger.
+once Redis has acknowledged the push that carried its own event (a lone caller pays one round trip;
+no timer, no Python lock). The client keeps the public API, its lifecycle and the backlog trigger.
 
 Reads coalesce the same way (:mod:`._reads`), so one client needs a handful of connections at most:
 its pool is capped at ``MAX_CONNECTIONS`` and a caller waits for a free one (within its deadline)
@@ -21,6 +20,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from threading import get_ident
 from types import TracebackType
 from typing import Any, Self
 
@@ -73,6 +73,7 @@ class AnalyticsClient:
         self._sender = TaskSender(self.settings)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # threading.get_ident() of the loop's thread, once _get_redis() checked it
         self._pid = os.getpid()
         self._forks = _forks[0]
         self._metadata_limit = self.settings.analytics_max_metadata_bytes
@@ -112,8 +113,9 @@ class AnalyticsClient:
         """
         fields["event_type"] = event_type
         event_id, raw = encode_fields(fields, max_metadata_bytes=self._metadata_limit)
+        del fields  # not kept alive (nor walked by the GC) while this caller waits
         if self._enabled:
-            await self._enqueue([raw], len(raw))
+            await self._enqueue_one(raw)
         else:
             self._check_open()
         return event_id
@@ -154,7 +156,8 @@ class AnalyticsClient:
             for e in events
         ]
         if encoded and self._enabled:
-            await self._enqueue([raw for _, raw in encoded])
+            client = self._get_redis()  # (submit fails at once while the breaker is open)
+            await self._batcher.submit(asyncio.get_running_loop(), client, [raw for _, raw in encoded])
         return [event_id for event_id, _ in encoded]
 
     async def get_queue_size(self) -> int:
@@ -267,22 +270,31 @@ class AnalyticsClient:
             self._breaker.forget()
             self._sizes.forget()
             self._after_push.forget()
-        self._forks = _forks[0]
+        self._forks, self._thread = _forks[0], get_ident()
         if self._redis is None:
-            # No hidden retry: our own bounded one (_breaker.push_with_retry) is the only one, so its
-            # worst case is known; a command past the pool's cap waits for a connection, within the
-            # publish deadline.
+            # No hidden retry: ours (_breaker.push_with_retry) is the only one, its worst case known;
+            # a command past the pool's cap waits for a connection, within the publish deadline.
             self._redis = redis_client(
                 self.settings, max_connections=MAX_CONNECTIONS, wait=self.settings.analytics_publish_timeout
             )
         return self._redis
 
-    async def _enqueue(self, payloads: list[bytes], size: int = -1) -> None:
-        loop = asyncio.get_running_loop()
-        client = self._redis
-        # One cheap test on the hot path; any doubt (first use, closed, other loop, forked) takes
-        # _get_redis(), which checks everything and raises the right error.
-        if client is None or self._closed or loop is not self._loop or self._forks != _forks[0]:
+    def _enqueue_one(self, payload: bytes) -> asyncio.Future[None]:
+        """A plain function returning the future, not a coroutine: the caller awaits the future
+        itself (one coroutine less per event, one frame less to resume when Redis answers)."""
+        loop, client = self._loop, self._redis
+        # One cheap test per event: in the thread of this client's loop while that loop runs (one
+        # running loop per thread: it is ours), open, not forked. Any doubt takes _get_redis(), which
+        # checks everything and raises the right error. Not asyncio.get_running_loop(): on 3.11
+        # it makes a getpid() syscall per call.
+        if (
+            client is None
+            or loop is None
+            or self._closed
+            or self._thread != get_ident()
+            or self._forks != _forks[0]
+            or not loop.is_running()
+        ):
             client = self._get_redis()
-        # (submit fails at once, without queueing, while the breaker says Redis is known down)
-        await self._batcher.submit(loop, client, payloads, size)
+            loop = asyncio.get_running_loop()
+        return self._batcher.submit_one(loop, client, payload)

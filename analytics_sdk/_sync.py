@@ -1,15 +1,17 @@
 """SyncAnalyticsClient: the async client's surface for threads and sync frameworks.
 
 One :class:`AnalyticsClient` runs on a private event-loop thread. Events from any number of threads
-are handed straight to its group commit (:meth:`GroupCommit.submit_threadsafe`: a deque append and at
-most one pending wake-up of the loop, no portal crossing per call), so they share its MULTIs: eight
-threads calling ``track()`` cost far fewer round trips than eight pipelines. Each thread then waits
-on its own future until Redis has acknowledged its event. Validation and encoding run in the calling
-thread, so a bad event raises there without touching the loop. The rarer calls (queue size, flush,
-close) go through an anyio blocking portal. After ``os.fork()`` the child starts its own loop thread
-and connections on first use; it never touches the parent's. A disabled client
-(``ANALYTICS_ENABLED=false``, :mod:`._disabled`) validates and returns ids and starts nothing: no
-thread, no loop, no connection.
+are handed straight to its group commit (:meth:`GroupCommit.submit_threadsafe`: a deque append and
+at most one pending wake-up of the loop, no portal crossing per call), so they share its MULTIs:
+eight threads calling ``track()`` cost far fewer round trips than eight pipelines. Each thread then
+waits on its own future until Redis has acknowledged its event. A thread that has the client to
+itself (nothing waiting on the loop, nobody else pushing alone) skips the hop and pushes from its
+own thread, under the same rules (:mod:`._direct`): one thread is then as fast as a plain pipeline.
+Validation and encoding run in the calling thread, so a bad event raises there without touching the
+loop. The rarer calls (queue size, flush, close) go through an anyio blocking portal. After
+``os.fork()`` the child starts its own loop thread and connections on first use; it never touches
+the parent's. A disabled client (``ANALYTICS_ENABLED=false``, :mod:`._disabled`) validates and
+returns ids and starts nothing: no thread, no loop, no connection.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from anyio.from_thread import BlockingPortal
 
 from ._batcher import GroupCommit
 from ._client import AnalyticsClient
+from ._direct import DirectLane
 from ._disabled import client_enabled
 from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
@@ -46,6 +49,7 @@ class _Runtime:
     client: AnalyticsClient
     batcher: GroupCommit  # the client's group commit, which the loop serves for every thread
     thread: threading.Thread
+    direct: DirectLane  # a thread's own push while it has the client to itself
 
 
 def _start_portal(
@@ -132,7 +136,19 @@ class SyncAnalyticsClient:
                 # Once the loop has ended nothing can push what threads still hand over: fail it.
                 portal, loop, thread = _start_portal(on_exit=batcher.reject_pending)
                 batcher.attach(loop, client._get_redis)
-                runtime = _Runtime(pid, portal, client, batcher, thread)
+                direct = DirectLane(
+                    self.settings,
+                    client.keys,
+                    client._breaker,
+                    busy=batcher.busy,
+                    on_loop=portal.call,
+                    soon=loop.call_soon_threadsafe,
+                    later=loop.call_later,
+                    trip=batcher.trip,
+                    after_push=batcher.pushed,
+                )
+                batcher.ahead = direct.ahead
+                runtime = _Runtime(pid, portal, client, batcher, thread, direct)
                 self._runtime = runtime
         return runtime
 
@@ -146,9 +162,13 @@ class SyncAnalyticsClient:
                 raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one") from exc
             raise
 
-    def _push(self, payloads: list[bytes], size: int = -1) -> None:
-        """Hand ``payloads`` to the loop's group commit and wait until Redis acknowledged them."""
-        future = self._get().batcher.submit_threadsafe(payloads, size)
+    def _push(self, payloads: list[bytes]) -> None:
+        """Push ``payloads`` from this thread if it has the client to itself (:mod:`._direct`), else
+        hand them to the loop's group commit; either way, return once Redis acknowledged them."""
+        runtime = self._get()
+        if runtime.direct.try_push(payloads):
+            return
+        future = runtime.batcher.submit_threadsafe(payloads)
         try:
             future.result(self._wait_limit)
         except TimeoutError:
@@ -170,7 +190,7 @@ class SyncAnalyticsClient:
         fields["event_type"] = event_type
         event_id, raw = self._encode(fields)
         if self._enabled:
-            self._push([raw], len(raw))
+            self._push([raw])
         elif self._closed:
             raise ClientClosedError("this SyncAnalyticsClient is closed; create a new one")
         return event_id
@@ -245,6 +265,7 @@ class SyncAnalyticsClient:
         if runtime is None or runtime.pid != os.getpid():
             return  # nothing started here, or it belongs to the parent process
         try:
+            runtime.direct.close()
             runtime.portal.call(runtime.client.aclose)
         finally:
             runtime.portal.call(runtime.portal.stop)

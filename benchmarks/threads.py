@@ -1,8 +1,10 @@
-"""Section 2: ``SyncAnalyticsClient`` from 8 threads against a raw sync pipeline per event.
+"""Section 2: ``SyncAnalyticsClient`` from 8 threads, and from one, against a raw sync pipeline per event.
 
 The raw contender does the same validation and encoding, then its own ``MULTI; RPUSH; LTRIM; EXEC``
 through a shared ``redis.Redis`` (thread-safe pool): what sync code without this SDK would write. The
 old design (pickled list under a threading.Lock) runs here too, in the threads it was written for.
+One thread alone (a script, a cron job, a sync worker) is measured too, ours and raw alternating in
+each repeat: there the client pushes from the calling thread (analytics_sdk._direct).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from analytics_sdk import SyncAnalyticsClient
 from analytics_sdk._event import validate
 from analytics_sdk._queue import QueueKeys
 
-from ._common import EVENT_TYPE, FIELDS, Context, Run, Section, Summary, fmt_ms, fmt_rate, fmt_ratio
+from ._common import EVENT_TYPE, FIELDS, Check, Context, Run, Section, Summary, fmt_ms, fmt_rate, fmt_ratio
 from .old_design import OldDesignClient
 
 logger = logging.getLogger(__name__)
@@ -75,12 +77,17 @@ def run(ctx: Context) -> Section:
     runs: dict[str, list[Run]] = {}
     try:
         for repeat in range(mode.repeats + 1):
+            total = mode.sync_events if repeat else mode.sync_events // 4
             for name, call in contenders.items():
-                total = mode.sync_events if repeat else mode.sync_events // 4
                 result = _threaded(call, max(THREADS, total))
                 sync.delete(keys.queue, old_key)
                 if repeat:
                     runs.setdefault(name, []).append(result)
+            for name in ("ours", "raw"):  # one thread alone, side by side
+                result = _threaded(contenders[name], total // 2, threads=1)
+                sync.delete(keys.queue)
+                if repeat:
+                    runs.setdefault(f"{name}/1", []).append(result)
             logger.info("threads: repeat %s/%s done", repeat, mode.repeats)
     finally:
         ours.close()
@@ -88,18 +95,25 @@ def run(ctx: Context) -> Section:
         sync.close()
     s = {name: Summary.of(r) for name, r in runs.items()}
     section = Section(
-        f"2. sync clients, {THREADS} threads",
-        ["contender", "events/s", "p50", "p99", "ours / it"],
+        f"2. sync clients, {THREADS} threads and 1",
+        ["threads", "contender", "events/s", "p50", "p99", "ours / it"],
     )
     labels = {
         "ours": "SyncAnalyticsClient.track()",
         "raw": "raw sync MULTI per event",
         "old": "old design (pickle + threading.Lock)",
     }
-    for name, label in labels.items():
-        it = s[name]
-        ratio = "" if name == "ours" else fmt_ratio(s["ours"].rate / it.rate)
-        section.rows.append([label, fmt_rate(it.rate), fmt_ms(it.p50), fmt_ms(it.p99), ratio])
+    for threads, suffix in ((str(THREADS), ""), ("1", "/1")):
+        mine = s[f"ours{suffix}"]
+        for name, label in labels.items():
+            if f"{name}{suffix}" not in s:
+                continue
+            it = s[f"{name}{suffix}"]
+            ratio = "" if name == "ours" else fmt_ratio(mine.rate / it.rate)
+            section.rows.append([threads, label, fmt_rate(it.rate), fmt_ms(it.p50), fmt_ms(it.p99), ratio])
     section.data = {name: summary.as_dict() for name, summary in s.items()}
-    section.notes.append("no target is set for this section; the ratio is printed for the record")
+    section.checks = [
+        Check("sync track() 1 thread / raw sync pipeline per event", s["ours/1"].rate / s["raw/1"].rate, 1.0),
+    ]
+    section.notes.append(f"no target is set for {THREADS} threads; the ratio is printed for the record")
     return section

@@ -42,7 +42,10 @@ def test_bench_tiny_mode_runs_every_section(redis_available: str, database_url: 
     titles = list(doc["sections"])
     assert len(titles) == len(SECTIONS), titles
     names = {t["name"] for t in doc["targets"]}
-    expected_names = ("ceiling", "naive", "old design", "Segment", "PostHog", "round trip", "COPY", "JSON")
+    expected_names = (
+        *("ceiling", "naive", "old design", "Segment", "PostHog", "round trip", "COPY", "JSON"),
+        *("1,024 callers / 256 callers", "1 thread / raw sync pipeline"),
+    )
     for expected in expected_names:
         assert any(expected in name for name in names), (expected, names)
     assert any("end-to-end p99" in name for name in names)
