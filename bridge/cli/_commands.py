@@ -4,6 +4,7 @@
     analytics-bridge status [--json] [--check]     queue, in-flight batches, dead letters, last flush, rows
     analytics-bridge flush [--json]                drain now, inline, with the code the Celery task runs
     analytics-bridge dead-letters list|replay|purge
+    analytics-bridge partitions [--json] | partitions maintain [--dry-run]   time partitions, retention
     analytics-bridge demo                          the end-to-end demo (`nox -s demo`)
 
 Configuration comes from the same ``ANALYTICS_*`` variables as the SDK and the worker. Logs go to
@@ -31,6 +32,7 @@ from . import _dead as _cli_dead
 from . import _handler as _cli_errors
 from . import _status as _cli_status
 from ._check import stuck_reasons
+from ._partitions import partitions
 
 __all__ = ["main"]
 
@@ -292,3 +294,6 @@ def metrics(ctx: click.Context, port: int, host: str, timeout: float) -> None:
         serve(_settings(ctx), host=host, port=port, timeout=timeout)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+main.add_command(partitions)
