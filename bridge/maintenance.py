@@ -146,7 +146,7 @@ def _quote(name: str) -> str:
 
 async def check_partitioned(conn: asyncpg.Connection[Any], table: str = PARENT_TABLE) -> None:
     """Raise :class:`~bridge._errors.NotMigrated` unless ``table`` exists and is partitioned."""
-    kind = await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = to_regclass($1)", table)
+    kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", table)
     if kind != "p":
         what = "does not exist" if kind is None else "is not partitioned yet"
         raise NotMigrated(f"table {table} {what}: run `analytics-bridge migrate` against this database")
