@@ -169,7 +169,8 @@ async def _quiet(redis_client: aioredis.Redis, keys: QueueKeys) -> bool:
 
 def test_the_example_app_keeps_its_own_settings(db_settings: Settings) -> None:
     """The app after bridge.install against the same app built from its config without it: every
-    setting equal except task_routes and beat_schedule, which only gained the flush's entries."""
+    setting equal except task_routes and beat_schedule, which only gained the flush's and the
+    partition maintenance's entries."""
     code = """
 import json
 from celery import Celery
@@ -195,7 +196,11 @@ print(json.dumps({
     assert out["routes"] == {
         "flush_analytics_events": {"queue": "analytics", "serializer": "json"},
         "api.tasks.*": {"queue": "api"},
+        "analytics.maintain_partitions": {"queue": "analytics", "serializer": "json"},
     }
-    assert out["beat"] == {"flush-analytics-events": ["flush_analytics_events", 7.0]}
+    assert out["beat"] == {
+        "flush-analytics-events": ["flush_analytics_events", 7.0],
+        "maintain-analytics-partitions": ["analytics.maintain_partitions", 86400.0],
+    }
     assert out["serializer"] == ["json", "json", "json"]
     assert out["queue"] == "api"
