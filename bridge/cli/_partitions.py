@@ -54,17 +54,16 @@ def render_partitions(found: list[Partition]) -> str:
 def render_report(report: MaintenanceReport) -> str:
     if report.skipped:
         return f"skipped: {report.skipped}"
-    verb = "would " if report.dry_run else ""
     cutoff = report.cutoff.isoformat() if report.cutoff else "off (ANALYTICS_RETENTION_DAYS=0)"
     lines = [f"retention cutoff: {cutoff}"]
-    for label, names in (
-        ("create", report.created),
-        ("finalize pending detach of", report.finalized),
-        ("drop", report.dropped),
+    for (now, done), names in (
+        (("create", "created"), report.created),
+        (("finalize the pending detach of", "finalized the pending detach of"), report.finalized),
+        (("drop", "dropped"), report.dropped),
     ):
-        lines += [f"{verb}{label} {name}" for name in names]
+        lines += [(f"would {now} " if report.dry_run else f"{done} ") + name for name in names]
     lines += [f"FAILED to drop {name}: {error}" for name, error in report.failed.items()]
-    lines.append(f"{len(report.kept)} partition(s) kept")
+    lines.append(f"{len(report.kept)} existing partition(s) kept")
     return "\n".join(lines)
 
 
