@@ -25,6 +25,7 @@ advisory lock); a second one reports that it skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -240,8 +241,10 @@ async def maintain_on(
                 report.failed[p.name] = str(exc)
         report.kept = [p.name for p in partitions if p not in doomed]
     finally:
-        if not dry_run:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
+        # a lost connection released the lock with its session: don't hide the error that lost it
+        if not dry_run and not conn.is_closed():
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
     return report
 
 
