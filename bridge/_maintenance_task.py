@@ -2,8 +2,9 @@
 
 :func:`bridge.install` registers it beside the flush task, on the same app, with the same route
 (queue ``analytics``, JSON) and, unless ``beat=False``, the beat entry ``maintain-analytics-partitions``
-once a day. The body is ``asyncio.run(maintain(...))`` (:mod:`bridge.maintenance`): a fresh event loop
-and one connection made and closed inside it, so nothing async outlives a run or crosses the fork.
+once a day, at 03:07 in the app's time zone. The body is ``asyncio.run(maintain(...))``
+(:mod:`bridge.maintenance`): a fresh event loop and one connection made and closed inside it, so
+nothing async outlives a run or crosses the fork.
 
 Daily is enough for every interval: partitions are made two intervals ahead (two days with
 ``ANALYTICS_PARTITION_INTERVAL=day``), and a drain creates a missing one on the spot anyway. Running
@@ -17,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from celery.schedules import crontab
 
 from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._sender import FLUSH_QUEUE
@@ -43,8 +45,10 @@ logger = logging.getLogger(__name__)
 
 MAINTAIN_TASK = "analytics.maintain_partitions"
 MAINTAIN_BEAT_ENTRY = "maintain-analytics-partitions"
-#: Beat runs it at start-up (an entry never run is due) and then every day.
-MAINTAIN_EVERY = timedelta(days=1)
+#: Daily at 03:07 in the app's ``timezone`` (UTC for the bridge's own app). A wall-clock time, not
+#: ``timedelta(days=1)``: beat counts an interval from its own start, so a beat restarted more often
+#: than daily (every deploy, a container without its schedule file) would never run it.
+MAINTAIN_AT = {"minute": 7, "hour": 3}
 _ROUTE: dict[str, Any] = {"queue": FLUSH_QUEUE, "serializer": "json"}
 
 TASK_OPTIONS: dict[str, Any] = {
@@ -85,7 +89,8 @@ def beat_entry() -> dict[str, Any]:
     # A tick nobody ran within an hour is dropped: tomorrow's comes, and maintenance is idempotent.
     return {
         "task": MAINTAIN_TASK,
-        "schedule": MAINTAIN_EVERY,
+        # a fresh crontab per app: beat binds a schedule object to the app it runs
+        "schedule": crontab(**MAINTAIN_AT),
         "options": {"queue": FLUSH_QUEUE, "expires": 3600},
     }
 

@@ -184,7 +184,8 @@ import api.tasks
 print(json.dumps({
     "diff": diff,
     "routes": after.conf.task_routes,
-    "beat": {k: [v["task"], v["schedule"].total_seconds()] for k, v in after.conf.beat_schedule.items()},
+    "beat": {k: [v["task"], getattr(v["schedule"], "total_seconds", v["schedule"].__repr__)()]
+             for k, v in after.conf.beat_schedule.items()},
     "serializer": [after.conf.task_serializer, after.tasks["api.tasks.send_welcome_email"].serializer,
                    after.tasks["flush_analytics_events"].serializer],
     "queue": after.amqp.router.route({}, "api.tasks.send_welcome_email")["queue"].name,
@@ -200,7 +201,10 @@ print(json.dumps({
     }
     assert out["beat"] == {
         "flush-analytics-events": ["flush_analytics_events", 7.0],
-        "maintain-analytics-partitions": ["analytics.maintain_partitions", 86400.0],
+        "maintain-analytics-partitions": [
+            "analytics.maintain_partitions",
+            "<crontab: 7 3 * * * (m/h/dM/MY/d)>",
+        ],
     }
     assert out["serializer"] == ["json", "json", "json"]
     assert out["queue"] == "api"

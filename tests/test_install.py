@@ -86,7 +86,7 @@ def test_install_adds_the_task_route_and_beat_entry_and_nothing_else() -> None:
         # the partition maintenance (issue 10), daily
         "maintain-analytics-partitions": {
             "task": "analytics.maintain_partitions",
-            "schedule": timedelta(days=1),
+            "schedule": crontab(minute=7, hour=3),
             "options": {"queue": "analytics", "expires": 3600},
         },
     }

@@ -9,6 +9,7 @@ import asyncpg
 import orjson
 import pytest
 from celery import Celery
+from celery.schedules import crontab
 from click.testing import CliRunner, Result
 
 import bridge
@@ -113,7 +114,8 @@ def test_the_maintenance_task_is_registered_with_beat_daily_on_the_analytics_que
     assert type(task).__wrapped__ is maintain_partitions and task.serializer == "json"
     assert bridge_app.amqp.router.route({}, MAINTAIN_TASK)["queue"].name == "analytics"
     entry = bridge_app.conf.beat_schedule[MAINTAIN_BEAT_ENTRY]
-    assert entry["task"] == MAINTAIN_TASK and entry["schedule"] == timedelta(days=1)
+    # daily at a wall-clock time: an interval would restart with every beat restart
+    assert entry["task"] == MAINTAIN_TASK and entry["schedule"] == crontab(minute=7, hour=3)
     assert entry["options"]["queue"] == "analytics"
     # an application's own app gets it from install too; beat=False leaves its schedule alone
     theirs = Celery("theirs", set_as_current=False)
