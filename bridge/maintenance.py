@@ -240,6 +240,11 @@ async def maintain_on(
                 logger.error("could not drop partition %s: %s", p.name, exc)
                 report.failed[p.name] = str(exc)
         report.kept = [p.name for p in partitions if p not in doomed]
+        for p in partitions:
+            if p.marked and p not in doomed and not dry_run:
+                # marked by a run that stopped before its detach, and kept now (the retention grew):
+                # unmarked, or a later detach by someone else would read as ours to drop
+                await conn.execute(f"COMMENT ON TABLE {_quote(p.name)} IS NULL")
     finally:
         # a lost connection released the lock with its session: don't hide the error that lost it
         if not dry_run and not conn.is_closed():

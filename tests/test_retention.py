@@ -222,6 +222,12 @@ async def test_a_crashed_run_is_finished_by_the_next(part_settings: Settings) ->
             assert await to_regclass(conn, name) is None
         assert apr in await partitions_of(conn)
 
+        # a mark left on a partition the retention now keeps (it grew since) is taken off
+        await conn.execute(f"COMMENT ON TABLE {apr} IS '{MARKER}'")
+        report = await maintain_on(conn, "month", 10, now=datetime(2025, 4, 15, tzinfo=UTC))
+        assert report.dropped == [] and apr in report.kept
+        assert await conn.fetchval("SELECT obj_description(to_regclass($1), 'pg_class')", apr) is None
+
         # someone else's detach left pending blocks every other detach: finalized, their table kept
         await _leave_detach_pending(conn, url, apr)
         report = await maintain_on(conn, "month", 10, now=datetime(2025, 6, 1, tzinfo=UTC))
