@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick | --tiny] [--only track,threads,drain,memory,e2e] [--json PATH]``.
+"""``python -m benchmarks [--quick | --tiny] [--only track,threads,drain,partitions,...] [--json PATH]``.
 
 Runs each section, prints the tables and the targets with a pass/SHORT mark, and writes the JSON.
 Exits 1 if a section failed to run; a SHORT target is a finding to read, not an error.
@@ -20,7 +20,7 @@ from pathlib import Path
 from ._common import MODES, Context, Section, delete_prefix
 from .report import machine, render, write_json
 
-SECTIONS = ("track", "threads", "drain", "memory", "e2e")
+SECTIONS = ("track", "threads", "drain", "partitions", "memory", "e2e")
 logger = logging.getLogger("benchmarks")
 
 

@@ -9,7 +9,9 @@ configuration before and after):
 - a route ``flush_analytics_events -> queue "analytics"`` with ``serializer: json``, put in front of
   the app's ``task_routes``, so a message sent by name (``app.send_task``) is JSON too, whatever the
   app's ``task_serializer``;
-- unless ``beat=False``, the beat entry ``flush-analytics-events`` every ``ANALYTICS_FLUSH_INTERVAL``.
+- unless ``beat=False``, the beat entry ``flush-analytics-events`` every ``ANALYTICS_FLUSH_INTERVAL``;
+- likewise the daily partition maintenance, ``analytics.maintain_partitions``: its task, route and beat
+  entry ``maintain-analytics-partitions`` (:mod:`bridge._maintenance_task`).
 
 It refuses, with :class:`~analytics_sdk.ConfigurationError` naming the setting and leaving the app as
 it was, what would not work: soft time limit not below the hard one, a visibility timeout too short
@@ -32,7 +34,7 @@ from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings, env_name
 
-from . import _shutdown, _worker_start
+from . import _maintenance_task, _shutdown, _worker_start
 from .tasks import TASK_OPTIONS, flush
 
 if TYPE_CHECKING:
@@ -146,8 +148,9 @@ def install(app: Celery, *, beat: bool = True) -> Task[Any, Any]:
     check_time_limits(settings)
     conf = app.conf
     _worker_start.check_accepts_json(app)
-    routes = _routes_with_ours(conf.task_routes)
+    routes = _maintenance_task.with_route(_routes_with_ours(conf.task_routes))
     schedule = _schedule_with_ours(conf.beat_schedule, settings) if beat else None
+    schedule = _maintenance_task.with_beat(schedule) if schedule is not None else None
     # shared=False: on this app only; lazy=False: the task now (this does not finalize the app). The
     # options are a dict shared with nothing else, which the stubs' overloads cannot match.
     register: Any = app.task
@@ -166,6 +169,7 @@ def install(app: Celery, *, beat: bool = True) -> Task[Any, Any]:
             f"{type(task).__qualname__}), perhaps the service the bridge replaces: remove it, "
             "install registers the bridge's own",
         )
+    _maintenance_task.register(app, settings)
     # New values assigned, never the app's dicts mutated in place (a default is shared by every app).
     conf.task_routes = routes
     if schedule is not None:

@@ -27,6 +27,8 @@ __all__ = [
     "bounds",
     "create_ahead",
     "ensure_partitions",
+    "missing_ahead",
+    "parse_bound",
     "partition_name",
 ]
 
@@ -105,6 +107,10 @@ def _parse_bound(bound: str) -> tuple[datetime | None, datetime | None]:
     return _parse_value(from_part), _parse_value(to_part.removesuffix(")"))
 
 
+#: Public name of the bound parser, for the maintenance's listing of partitions.
+parse_bound = _parse_bound
+
+
 def _parse_value(value: str) -> datetime | None:
     if value in ("MINVALUE", "MAXVALUE"):
         return None
@@ -154,6 +160,16 @@ async def ensure_partitions(
     return made
 
 
+def _ahead(now: datetime | None, interval: Interval, ahead: int) -> list[datetime]:
+    """``now`` and a moment in each of the ``ahead`` intervals after it."""
+    moment = now or datetime.now(UTC)
+    moments = [moment]
+    for _ in range(ahead):
+        moment = bounds(moment, interval)[1]
+        moments.append(moment)
+    return moments
+
+
 async def create_ahead(
     conn: asyncpg.Connection[Any],
     interval: Interval,
@@ -163,9 +179,25 @@ async def create_ahead(
     table: str = PARENT_TABLE,
 ) -> list[str]:
     """Make sure the current interval and the next ``ahead`` ones have partitions."""
-    moment = now or datetime.now(UTC)
-    moments = [moment]
-    for _ in range(ahead):
-        moment = bounds(moment, interval)[1]
-        moments.append(moment)
-    return await ensure_partitions(conn, interval, moments, table=table)
+    return await ensure_partitions(conn, interval, _ahead(now, interval, ahead), table=table)
+
+
+async def missing_ahead(
+    conn: asyncpg.Connection[Any],
+    interval: Interval,
+    *,
+    now: datetime | None = None,
+    ahead: int = 2,
+    table: str = PARENT_TABLE,
+) -> list[tuple[str, datetime, datetime]]:
+    """What :func:`create_ahead` would create now, as (name, lower, upper); creates nothing."""
+    missing: list[tuple[str, datetime, datetime]] = []
+    async with conn.transaction():
+        await conn.execute("SET LOCAL TimeZone = 'UTC'")
+        existing = await _existing(conn, table)
+    for moment in _ahead(now, interval, ahead):
+        free = _free_range(moment, interval, existing)
+        if free is not None:
+            existing.append(free)
+            missing.append((partition_name(free[0], table), *free))
+    return missing

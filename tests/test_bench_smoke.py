@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import PG_ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("track", "threads", "drain", "memory", "e2e")
+SECTIONS = ("track", "threads", "drain", "partitions", "memory", "e2e")
 
 
 @pytest.mark.e2e

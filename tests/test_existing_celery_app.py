@@ -169,7 +169,8 @@ async def _quiet(redis_client: aioredis.Redis, keys: QueueKeys) -> bool:
 
 def test_the_example_app_keeps_its_own_settings(db_settings: Settings) -> None:
     """The app after bridge.install against the same app built from its config without it: every
-    setting equal except task_routes and beat_schedule, which only gained the flush's entries."""
+    setting equal except task_routes and beat_schedule, which only gained the flush's and the
+    partition maintenance's entries."""
     code = """
 import json
 from celery import Celery
@@ -183,7 +184,8 @@ import api.tasks
 print(json.dumps({
     "diff": diff,
     "routes": after.conf.task_routes,
-    "beat": {k: [v["task"], v["schedule"].total_seconds()] for k, v in after.conf.beat_schedule.items()},
+    "beat": {k: [v["task"], getattr(v["schedule"], "total_seconds", v["schedule"].__repr__)()]
+             for k, v in after.conf.beat_schedule.items()},
     "serializer": [after.conf.task_serializer, after.tasks["api.tasks.send_welcome_email"].serializer,
                    after.tasks["flush_analytics_events"].serializer],
     "queue": after.amqp.router.route({}, "api.tasks.send_welcome_email")["queue"].name,
@@ -195,7 +197,14 @@ print(json.dumps({
     assert out["routes"] == {
         "flush_analytics_events": {"queue": "analytics", "serializer": "json"},
         "api.tasks.*": {"queue": "api"},
+        "analytics.maintain_partitions": {"queue": "analytics", "serializer": "json"},
     }
-    assert out["beat"] == {"flush-analytics-events": ["flush_analytics_events", 7.0]}
+    assert out["beat"] == {
+        "flush-analytics-events": ["flush_analytics_events", 7.0],
+        "maintain-analytics-partitions": [
+            "analytics.maintain_partitions",
+            "<crontab: 7 3 * * * (m/h/dM/MY/d)>",
+        ],
+    }
     assert out["serializer"] == ["json", "json", "json"]
     assert out["queue"] == "api"

@@ -72,6 +72,7 @@ def test_install_adds_the_task_route_and_beat_entry_and_nothing_else() -> None:
     changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
     assert changed == {"task_routes", "beat_schedule"}
     assert after["task_routes"] == [
+        {"analytics.maintain_partitions": {"queue": "analytics", "serializer": "json"}},
         {"flush_analytics_events": {"queue": "analytics", "serializer": "json"}},
         {"billing.*": {"queue": "billing"}},
     ]
@@ -82,8 +83,14 @@ def test_install_adds_the_task_route_and_beat_entry_and_nothing_else() -> None:
             "schedule": timedelta(seconds=30),
             "options": {"queue": "analytics", "expires": 30.0},
         },
+        # the partition maintenance (issue 10), daily
+        "maintain-analytics-partitions": {
+            "task": "analytics.maintain_partitions",
+            "schedule": crontab(minute=7, hour=3),
+            "options": {"queue": "analytics", "expires": 3600},
+        },
     }
-    assert set(app.tasks) - tasks_before == {"flush_analytics_events"}
+    assert set(app.tasks) - tasks_before == {"flush_analytics_events", "analytics.maintain_partitions"}
     # the task: the same policy as the bridge's own, its limits its own, JSON whatever the app says
     settings = Settings.from_env()
     ours = bridge_app.tasks["flush_analytics_events"]
@@ -108,10 +115,14 @@ def test_a_dict_of_routes_stays_a_dict_and_no_routes_get_one() -> None:
     assert app.conf.task_routes == {
         "flush_analytics_events": {"queue": "analytics", "serializer": "json"},
         "billing.*": "billing",
+        "analytics.maintain_partitions": {"queue": "analytics", "serializer": "json"},
     }
     bare = Celery("bare", set_as_current=False)
     bridge.install(bare, beat=False)
-    assert bare.conf.task_routes == {"flush_analytics_events": {"queue": "analytics", "serializer": "json"}}
+    assert bare.conf.task_routes == {
+        "flush_analytics_events": {"queue": "analytics", "serializer": "json"},
+        "analytics.maintain_partitions": {"queue": "analytics", "serializer": "json"},
+    }
     assert bare.conf.beat_schedule == {}
     assert Celery("fresh", set_as_current=False).conf.beat_schedule == {}  # no shared default mutated
 

@@ -65,12 +65,16 @@ def test_app_configuration() -> None:
     assert list(conf.accept_content) == ["json"]
     assert conf.task_default_queue == "analytics"
     # the route bridge.install adds: the queue, and JSON for a message sent by name
-    assert conf.task_routes == {"flush_analytics_events": {"queue": "analytics", "serializer": "json"}}
+    assert conf.task_routes == {
+        "flush_analytics_events": {"queue": "analytics", "serializer": "json"},
+        "analytics.maintain_partitions": {"queue": "analytics", "serializer": "json"},
+    }
     assert conf.worker_prefetch_multiplier == 1 and conf.task_acks_late is True
     settings = Settings.from_env()
     assert conf.task_time_limit == settings.analytics_task_time_limit
     assert conf.task_soft_time_limit == settings.analytics_task_soft_time_limit
-    [entry] = conf.beat_schedule.values()
+    entry = conf.beat_schedule["flush-analytics-events"]
+    assert set(conf.beat_schedule) == {"flush-analytics-events", "maintain-analytics-partitions"}
     assert entry["task"] == "flush_analytics_events"
     assert entry["schedule"] == timedelta(seconds=settings.analytics_flush_interval)
     assert entry["options"]["queue"] == "analytics" and entry["options"]["expires"] > 0

@@ -4,6 +4,7 @@
     analytics-bridge status [--json] [--check]     queue, in-flight batches, dead letters, last flush, rows
     analytics-bridge flush [--json]                drain now, inline, with the code the Celery task runs
     analytics-bridge dead-letters list|replay|purge
+    analytics-bridge partitions [--json] | partitions maintain [--dry-run]   time partitions, retention
     analytics-bridge demo                          the end-to-end demo (`nox -s demo`)
     analytics-bridge wire-schema                   the JSON Schema of queued events (docs/wire-format.md)
 
@@ -33,6 +34,7 @@ from . import _handler as _cli_errors
 from . import _migrate as _cli_migrate
 from . import _status as _cli_status
 from ._check import stuck_reasons
+from ._partitions import partitions
 from ._wire_schema import wire_schema
 
 __all__ = ["main"]
@@ -289,3 +291,4 @@ def metrics(ctx: click.Context, port: int, host: str, timeout: float) -> None:
 
 
 main.add_command(wire_schema)
+main.add_command(partitions)
