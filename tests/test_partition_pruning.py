@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 import pytest
 
 from bridge.partitions import Interval, ensure_partitions
@@ -63,7 +63,7 @@ def scanned(plan: Any) -> set[str]:
 
 async def _explain(conn: asyncpg.Connection[Any], sql: str) -> set[str]:
     raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}")
-    return scanned(orjson.loads(raw))
+    return scanned(msgspec.json.decode(raw))
 
 
 async def _layout(url: str, interval: Interval) -> asyncpg.Connection[Any]:

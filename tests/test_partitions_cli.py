@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 import pytest
 from celery import Celery
 from celery.schedules import crontab
@@ -19,6 +21,7 @@ from bridge.celery_app import app as bridge_app
 from bridge.cli import main
 from bridge.partitions import bounds, ensure_partitions, partition_name
 from tests.conftest import run_blocking
+from tests.legacy import make_legacy, scratch_database
 from tests.partitioned import insert_at, partitioned_database, partitions_of
 
 OLD = datetime(2024, 3, 1, tzinfo=UTC)
@@ -69,7 +72,7 @@ def test_partitions_lists_range_estimated_rows_and_size(part_url: str) -> None:
     assert lines[1].split()[3] == "5" and lines[1].endswith("kB")
     assert lines[2].startswith("analytics_events_p20240401") and lines[-1].startswith("2 partition(s), ")
 
-    data = orjson.loads(invoke(part_url, "partitions", "--json").stdout)
+    data = msgspec.json.decode(invoke(part_url, "partitions", "--json").stdout)
     assert [(p["name"], p["lower"], p["upper"], p["rows"]) for p in data] == [
         ("analytics_events_p20240301", "2024-03-01T00:00:00+00:00", "2024-04-01T00:00:00+00:00", 5),
         ("analytics_events_p20240401", "2024-04-01T00:00:00+00:00", "2024-05-01T00:00:00+00:00", 0),
@@ -77,8 +80,13 @@ def test_partitions_lists_range_estimated_rows_and_size(part_url: str) -> None:
     assert all(p["bytes"] > 0 and p["detach_pending"] is False for p in data)
 
 
-def test_partitions_on_a_table_not_partitioned_says_to_migrate(database_url: str) -> None:
-    result = invoke(database_url, "partitions")  # the session database: today's plain heap
+def test_partitions_on_a_table_not_partitioned_says_to_migrate() -> None:
+    async def legacy_heap_listing() -> Any:
+        async with scratch_database("analytics_heap") as url:
+            await make_legacy(url, 0)  # the previous release's plain heap
+            return await asyncio.to_thread(invoke, url, "partitions")
+
+    result = run_blocking(legacy_heap_listing())
     assert result.exit_code == 2
     assert "is not partitioned yet: run `analytics-bridge migrate`" in result.output
 
@@ -95,7 +103,7 @@ def test_maintain_dry_run_changes_nothing_then_maintain_drops(part_url: str) -> 
     assert f"would create {partition_name(now)}" in dry.stdout
     assert attached(part_url) == before
 
-    report = orjson.loads(invoke(part_url, "partitions", "maintain", "--json", retention=30).stdout)
+    report = msgspec.json.decode(invoke(part_url, "partitions", "maintain", "--json", retention=30).stdout)
     assert report["dry_run"] is False and report["failed"] == {}
     assert report["dropped"] == ["analytics_events_p20240301", "analytics_events_p20240401"]
     assert ahead <= set(report["created"]) and attached(part_url) == set(report["created"])

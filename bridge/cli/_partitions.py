@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncpg
 import click
-import orjson
+import msgspec
 
 from analytics_sdk._settings import Settings
 
@@ -77,7 +77,7 @@ async def _list(settings: Settings) -> list[Partition]:
 
 
 def _echo_json(data: object) -> None:
-    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 
 
 @click.group(invoke_without_command=True)
