@@ -65,11 +65,12 @@ class ThrowawayCluster(ClusterNodes):
 
         poll(f"every node to see slot {slot} on {to}", agreed, FORM_TIMEOUT)
 
-    def kill(self, server: RedisServer) -> None:
-        """SIGKILL one node (a crash: no shutdown, no failover handshake). The slots it owned are
+    def kill(self, server: RedisServer, *, via: RedisServer | None = None) -> None:
+        """SIGKILL one node (a crash: no shutdown, no failover handshake). The slots it owned, as
+        ``via`` sees them (default: the first live node; pass another while that one is paused), are
         remembered for :meth:`wait_for_promotion`."""
         if server.running:
-            mine = next((n for n in self.nodes() if n.port == server.port), None)
+            mine = next((n for n in self.nodes(via=via) if n.port == server.port), None)
             self._slots_at_death[server.port] = mine.slots if mine else ()
         server.kill()
 

@@ -5,9 +5,10 @@ acknowledged to the ledger, two real ``celery -A bridge worker -Q analytics`` pr
 broker on the machine's RabbitMQ (a virtual host per test), a fresh migrated database per test.
 Flush tasks come from a driver thread (what beat or the backlog trigger does in production).
 
-The kill scenarios pause the victim's replica (SIGSTOP, under the node timeout) until the primary
-holds writes the replica has not, then SIGKILL the primary and let the replica go: the replication
-lag a loaded primary has in production, made to happen on every run. With
+The kill scenarios freeze the victim's replica (SIGSTOP, under the node timeout) and cut its link
+until the primary holds writes the replica never got, then SIGKILL the primary and let the replica
+go: the replication lag a loaded primary has in production, made to happen on every run (without
+it, loopback replication is so quick that what a kill loses is luck). With
 ``ANALYTICS_REPLICA_ACKS=1`` no acknowledged event may be lost; with 0 the test prints how many were.
 """
 
@@ -141,7 +142,7 @@ def test_six_shards_two_workers_producer_processes(
 
 @contextlib.contextmanager
 def _paused(server: RedisServer) -> Iterator[None]:
-    """SIGSTOP ``server`` (it neither reads its replication stream nor gossips) until the block ends."""
+    """SIGSTOP ``server`` (it neither reads nor reconnects nor gossips) until the block ends."""
     assert server.process is not None
     server.process.send_signal(signal.SIGSTOP)
     try:
@@ -150,12 +151,26 @@ def _paused(server: RedisServer) -> Iterator[None]:
         server.process.send_signal(signal.SIGCONT)
 
 
-def _lag(primary: RedisServer) -> int:
-    """Replication bytes ``primary`` has written that its first replica has not acknowledged."""
+def _offset(primary: RedisServer) -> int:
     with primary.client() as client:
-        info = client.info("replication")
-    replica = info.get("slave0")
-    return int(info["master_repl_offset"]) - int(replica["offset"]) if replica else 0
+        return int(client.info("replication")["master_repl_offset"])
+
+
+def _kill_behind_its_replica(cluster: ThrowawayCluster, victim: RedisServer, replica: RedisServer) -> int:
+    """Freeze the replica, cut its link on the primary (what the replica had in its socket, it keeps),
+    let the producers write until the primary holds LAG_BYTES the replica never got (or PAUSE_LIMIT
+    passed), SIGKILL the primary, release the replica. Returns the bytes the replica missed."""
+    witness = next(s for s in cluster.live() if s not in (victim, replica))
+    with _paused(replica):
+        with victim.client() as client:
+            client.client_kill_filter(_type="replica")
+        start = _offset(victim)
+        with contextlib.suppress(AssertionError):  # PAUSE_LIMIT is a cap, not a failure
+            behind = lambda: _offset(victim) - start >= LAG_BYTES  # noqa: E731
+            wait_until("the primary to take writes its replica misses", behind, PAUSE_LIMIT, 0.02)
+        missed = _offset(victim) - start
+        cluster.kill(victim, via=witness)
+    return missed
 
 
 def _kill_a_primary_mid_production(
@@ -172,14 +187,8 @@ def _kill_a_primary_mid_production(
         with FlushDriver(settings):
             # mid-production: events have reached PostgreSQL through the workers
             wait_until("rows from the producers", lambda: rows(settings) >= 500, 40)
-            with _paused(replica):
-                with contextlib.suppress(AssertionError):  # PAUSE_LIMIT is a cap, not a failure
-                    wait_until(
-                        "the replica to fall behind", lambda: _lag(victim) >= LAG_BYTES, PAUSE_LIMIT, 0.02
-                    )
-                lag = _lag(victim)
-                cluster.kill(victim)
-            print(f"killed {victim} with {lag} replication bytes its replica {replica} had not")
+            missed = _kill_behind_its_replica(cluster, victim, replica)
+            print(f"killed {victim}: {missed} replication bytes its replica {replica} never got")
             promoted = cluster.wait_for_promotion(victim)
             assert promoted.port == replica.port, (promoted, replica)
             assert producers.running(), "production ended before the failover: lengthen it"
