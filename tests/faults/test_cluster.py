@@ -20,6 +20,7 @@ import itertools
 import signal
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from .conftest import Fleet, base_settings, new_database
 from .ledger import Ledger, Outcome, collect, quiesce
 from .producer import Production, produce
 from .servers import PostgresServer
-from .tools import rows
+from .tools import db_fetchval, rows
 
 pytestmark = pytest.mark.faults
 
@@ -190,6 +191,7 @@ def _kill_a_primary_mid_production(
             missed = _kill_behind_its_replica(cluster, victim, replica)
             print(f"killed {victim}: {missed} replication bytes its replica {replica} never got")
             promoted = cluster.wait_for_promotion(victim)
+            promoted_at = datetime.now(UTC)
             assert promoted.port == replica.port, (promoted, replica)
             assert producers.running(), "production ended before the failover: lengthen it"
             ledger, productions = producers.wait(60)
@@ -200,6 +202,15 @@ def _kill_a_primary_mid_production(
     assert not [e for p in productions for e in p.errors], [p.errors[:3] for p in productions]
     assert not [h for p in productions for h in p.hung]
     _no_crossslot(fleet, producers, productions)
+    # the producers carried on: events tracked after the promotion were acknowledged and stored
+    later = db_fetchval(
+        settings,
+        "SELECT coalesce(array_agg(event_id::text), '{}') FROM analytics_events WHERE created_at > $1",
+        promoted_at,
+    )
+    carried_on = len(ledger.accepted & {str(i) for i in later})
+    print(f"acknowledged after the promotion: {carried_on} of {len(ledger.accepted)}")
+    assert carried_on > 0, "no event acknowledged after the promotion"
     return ledger, productions, outcome, producers
 
 
