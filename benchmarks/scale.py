@@ -245,6 +245,13 @@ def run(ctx: Context) -> Section:
             "tiny mode: no throwaway Redis Cluster started (forming one takes ~7 s), so no cluster or "
             "replica-ack rows; --quick and the full run start one and measure them"
         )
+    if clustered:
+        section.notes.append(
+            f"one shard's ceiling is {fmt_ratio(s['ceiling'].rate / s['cluster/1/1p'].rate)} what one "
+            "producer process offers: on this machine the producers' CPU is the limit, never a shard, so "
+            f"{SHARDS} shards cannot show a gain here; they spread load, memory and a failover's reach "
+            "over the primaries when Redis is the limit"
+        )
     section.notes.append(
         f"{PROCESSES} processes on a machine of {os.cpu_count()} cores shared with Redis (six cluster nodes "
         "too) and PostgreSQL: a ratio is what this machine gives, not what more cores would"
@@ -261,10 +268,10 @@ def run(ctx: Context) -> Section:
     if clustered:
         section.checks += [
             Check(
-                f"scale: producers into {SHARDS} shards / 1 shard, {PROCESSES} processes",
-                s[f"cluster/{SHARDS}/2p"].rate / s["cluster/1/2p"].rate,
-                1.0,
-                note="the producers' CPU, not one shard, is the limit on a small machine",
+                f"scale: one producer into {SHARDS} shards / into 1 shard",
+                s[f"cluster/{SHARDS}/1p"].rate / s["cluster/1/1p"].rate,
+                0.9,
+                note="what spreading costs a client: one push at a time, now to three nodes",
             ),
             Check(
                 "scale: track() 1 caller p50, REPLICA_ACKS=1 / 0",
