@@ -20,6 +20,7 @@ import itertools
 import signal
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,31 +88,44 @@ def _finish(fleet: Fleet, settings: Settings, counts: tuple[int, ...] = ()) -> t
     return totals, collect_shards(settings, counts)
 
 
+@dataclass
+class Scene:
+    """What every scenario gets: a fresh migrated database, a RabbitMQ virtual host as the broker,
+    its celery processes and a folder for the producers' records and logs."""
+
+    database: str
+    broker: str
+    fleet: Fleet
+    directory: Path
+
+    def on(
+        self, cluster: ThrowawayCluster, shards: int, prefix: str | None = None, **changes: Any
+    ) -> Settings:
+        return cluster_settings(
+            cluster, prefix=prefix or _prefix(), shards=shards, database_url=self.database,
+            broker_url=self.broker, **changes,
+        )  # fmt: skip
+
+
 @pytest.fixture
-def database(pg_cluster: PostgresServer) -> str:
-    """A fresh migrated database on the fault suite's throwaway PostgreSQL."""
-    return new_database(pg_cluster)
+def scene(pg_cluster: PostgresServer, rabbit_vhost: str, fleet: Fleet, tmp_path: Path) -> Scene:  # noqa: F811
+    return Scene(new_database(pg_cluster), rabbit_vhost, fleet, tmp_path)
 
 
 @pytest.mark.timeout(300)
 def test_six_shards_two_workers_producer_processes(
     redis_cluster: ThrowawayCluster,  # noqa: F811
-    database: str,
-    rabbit_vhost: str,  # noqa: F811
-    fleet: Fleet,
-    tmp_path: Path,
+    scene: Scene,
 ) -> None:
     prefix = _prefix()
-    settings = cluster_settings(
-        redis_cluster, prefix=prefix, shards=6, database_url=database, broker_url=rabbit_vhost
-    )
+    settings = scene.on(redis_cluster, 6, prefix)
     # The six tags fall in six slot ranges: two shards on each of the three primaries.
     owners = [redis_cluster.primary_for_key(keys.queue).port for keys in shard_keys(prefix, 6, cluster=True)]
     assert sorted(owners.count(port) for port in set(owners)) == [2, 2, 2], owners
 
     for n in (1, 2):
-        fleet.worker(settings, name=f"w{n}")
-    producers = Producers(settings, tmp_path, processes=3, coroutines=20, duration=8.0)
+        scene.fleet.worker(settings, name=f"w{n}")
+    producers = Producers(settings, scene.directory, processes=3, coroutines=20, duration=8.0)
     seen: set[int] = set()
 
     def queues_on_every_primary() -> bool:
@@ -129,16 +143,16 @@ def test_six_shards_two_workers_producer_processes(
             _drained_by_workers(settings)
     finally:
         producers.close()
-    totals, outcome = _finish(fleet, settings)
+    totals, outcome = _finish(scene.fleet, settings)
 
     assert not [e for p in productions for e in p.errors], productions
     assert len(ledger.accepted) > 1_000 and not ledger.refused, ledger
     outcome.check(ledger)
     assert outcome.row_ids == ledger.accepted
     assert totals.get("inserted", 0) == 0  # the two workers stored everything, not the quiesce
-    for worker in fleet.processes:  # and both took part
+    for worker in scene.fleet.processes:  # and both took part
         assert worker.count(r"flush_analytics_events\[[^\]]+\] succeeded") > 0, worker.log()[-3000:]
-    _no_crossslot(fleet, producers, productions)
+    _no_crossslot(scene.fleet, producers, productions)
 
 
 @contextlib.contextmanager
@@ -175,15 +189,15 @@ def _kill_behind_its_replica(cluster: ThrowawayCluster, victim: RedisServer, rep
 
 
 def _kill_a_primary_mid_production(
-    cluster: ThrowawayCluster, settings: Settings, fleet: Fleet, tmp_path: Path
+    cluster: ThrowawayCluster, settings: Settings, scene: Scene
 ) -> tuple[Ledger, list[Production], Outcome, Producers]:
     """Producers and two workers on K = 6; mid-production the primary of shard 0 is SIGKILLed after
     its replica fell behind; the replica is promoted; production goes on; the workers drain all."""
     victim = cluster.primary_for_key(shard_keys(settings.analytics_key_prefix, 6, cluster=True)[0].queue)
     replica = cluster.replica_of(victim)
     for n in (1, 2):
-        fleet.worker(settings, name=f"w{n}")
-    producers = Producers(settings, tmp_path, processes=2, coroutines=20, duration=16.0)
+        scene.fleet.worker(settings, name=f"w{n}")
+    producers = Producers(settings, scene.directory, processes=2, coroutines=20, duration=16.0)
     try:
         with FlushDriver(settings):
             # mid-production: events have reached PostgreSQL through the workers
@@ -198,10 +212,10 @@ def _kill_a_primary_mid_production(
             _drained_by_workers(settings)
     finally:
         producers.close()
-    _, outcome = _finish(fleet, settings)
+    _, outcome = _finish(scene.fleet, settings)
     assert not [e for p in productions for e in p.errors], [p.errors[:3] for p in productions]
     assert not [h for p in productions for h in p.hung]
-    _no_crossslot(fleet, producers, productions)
+    _no_crossslot(scene.fleet, producers, productions)
     # the producers carried on: events tracked after the promotion were acknowledged and stored
     later = db_fetchval(
         settings,
@@ -217,16 +231,10 @@ def _kill_a_primary_mid_production(
 @pytest.mark.timeout(300)
 def test_primary_killed_with_replica_acks_loses_no_acknowledged_event(
     fresh_cluster: ThrowawayCluster,  # noqa: F811
-    database: str,
-    rabbit_vhost: str,  # noqa: F811
-    fleet: Fleet,
-    tmp_path: Path,
+    scene: Scene,
 ) -> None:
-    settings = cluster_settings(
-        fresh_cluster, prefix=_prefix(), shards=6, database_url=database, broker_url=rabbit_vhost,
-        analytics_replica_acks=1, analytics_replica_ack_timeout=0.5,
-    )  # fmt: skip
-    ledger, productions, outcome, _ = _kill_a_primary_mid_production(fresh_cluster, settings, fleet, tmp_path)
+    settings = scene.on(fresh_cluster, 6, analytics_replica_acks=1, analytics_replica_ack_timeout=0.5)
+    ledger, productions, outcome, _ = _kill_a_primary_mid_production(fresh_cluster, settings, scene)
     print(f"REPLICA_ACKS=1: {ledger!r}; refused {len(ledger.refused)} during the failover")
     # every event track() acknowledged is a row, exactly once (I1-I4)
     outcome.check(ledger)
@@ -237,16 +245,11 @@ def test_primary_killed_with_replica_acks_loses_no_acknowledged_event(
 @pytest.mark.timeout(300)
 def test_primary_killed_without_replica_acks_reports_the_loss(
     fresh_cluster: ThrowawayCluster,  # noqa: F811
-    database: str,
-    rabbit_vhost: str,  # noqa: F811
-    fleet: Fleet,
-    tmp_path: Path,
+    scene: Scene,
     record_property: Callable[[str, object], None],
 ) -> None:
-    settings = cluster_settings(
-        fresh_cluster, prefix=_prefix(), shards=6, database_url=database, broker_url=rabbit_vhost
-    )
-    ledger, _, outcome, _ = _kill_a_primary_mid_production(fresh_cluster, settings, fleet, tmp_path)
+    settings = scene.on(fresh_cluster, 6)
+    ledger, _, outcome, _ = _kill_a_primary_mid_production(fresh_cluster, settings, scene)
     lost = ledger.accepted - outcome.row_ids - set(outcome.dead_ids)
     report = f"REPLICA_ACKS=0: {len(lost)} of {len(ledger.accepted)} acknowledged events lost in the failover"
     print(report)
@@ -271,10 +274,7 @@ def _prefix_with_distinct_shards(counts: tuple[int, ...]) -> str:
 @pytest.mark.timeout(300)
 def test_shards_raised_and_lowered_live(
     redis_cluster: ThrowawayCluster,  # noqa: F811
-    database: str,
-    rabbit_vhost: str,  # noqa: F811
-    fleet: Fleet,
-    tmp_path: Path,
+    scene: Scene,
 ) -> None:
     """K = 1 -> 4 -> 2 while producing and draining, as an operator rolls it out: producers on the
     new K start, the old ones finish, the workers restart one by one on the new K. Flushes are held
@@ -282,12 +282,10 @@ def test_shards_raised_and_lowered_live(
     they must drain it (they visit every K recorded), and nothing may be lost or stay queued."""
     counts = (1, 4, 2)
     prefix = _prefix_with_distinct_shards(counts)
-    settings = cluster_settings(
-        redis_cluster, prefix=prefix, shards=1, database_url=database, broker_url=rabbit_vhost
-    )
+    settings = scene.on(redis_cluster, 1, prefix)
     ledger, productions = Ledger(), []
-    workers = [fleet.worker(settings, name=f"k1w{n}") for n in (1, 2)]
-    current = Producers(settings, tmp_path, processes=2, coroutines=10, duration=5.0, name="k1p")
+    workers = [scene.fleet.worker(settings, name=f"k1w{n}") for n in (1, 2)]
+    current = Producers(settings, scene.directory, processes=2, coroutines=10, duration=5.0, name="k1p")
     every = [current]
     left_over: dict[int, int] = {}
     try:
@@ -298,7 +296,7 @@ def test_shards_raised_and_lowered_live(
                 new = settings.replace(analytics_queue_shards=shards)
                 with driver.paused():
                     upcoming = Producers(
-                        new, tmp_path, processes=2, coroutines=10, duration=5.0, name=f"k{shards}p"
+                        new, scene.directory, processes=2, coroutines=10, duration=5.0, name=f"k{shards}p"
                     )
                     every.append(upcoming)
                     more, produced = current.wait(60)
@@ -306,7 +304,7 @@ def test_shards_raised_and_lowered_live(
                     productions += produced
                     for n, worker in enumerate(list(workers)):  # a rolling restart onto the new K
                         worker.stop()
-                        workers[n] = fleet.worker(new, name=f"k{shards}w{n + 1}")
+                        workers[n] = scene.fleet.worker(new, name=f"k{shards}w{n + 1}")
                     left_over[settings.analytics_queue_shards] = _queued_on(settings)
                 settings, current = new, upcoming
             more, produced = current.wait(60)
@@ -316,7 +314,7 @@ def test_shards_raised_and_lowered_live(
     finally:
         for producers in every:
             producers.close()
-    totals, outcome = _finish(fleet, settings, counts)
+    totals, outcome = _finish(scene.fleet, settings, counts)
 
     with sync_client(settings) as client:
         recorded: Any = client.smembers(QueueKeys(prefix).shard_counts)
@@ -338,16 +336,11 @@ def _queued_on(settings: Settings) -> int:
 
 
 @pytest.mark.timeout(180)
-def test_one_shard_on_a_plain_redis_keeps_the_key_names(
-    fault_redis: RedisServer,
-    database: str,
-    rabbit_vhost: str,  # noqa: F811
-    fleet: Fleet,
-) -> None:
+def test_one_shard_on_a_plain_redis_keeps_the_key_names(fault_redis: RedisServer, scene: Scene) -> None:
     prefix = _prefix()
     settings = base_settings(
         fault_redis.url, analytics_key_prefix=prefix, analytics_queue_shards=1,
-        database_url=database, broker_url=rabbit_vhost,
+        database_url=scene.database, broker_url=scene.broker,
     )  # fmt: skip
     production = asyncio.run(produce(settings, coroutines=10, events=50))
     ledger = Ledger(accepted=set(production.accepted), refused=set(production.refused))
@@ -359,10 +352,10 @@ def test_one_shard_on_a_plain_redis_keeps_the_key_names(
     assert queued == 500, names
     assert all(name.startswith(f"{prefix}:") and "{" not in name for name in names), names
 
-    fleet.worker(settings)
+    scene.fleet.worker(settings)
     with FlushDriver(settings):
         wait_until("the worker to drain the list", lambda: backlog(settings) == (0, 0), 60)
-    fleet.processes[0].stop()
+    scene.fleet.processes[0].stop()
     totals = asyncio.run(quiesce(settings))
     outcome = asyncio.run(collect(settings))
     outcome.check(ledger)
