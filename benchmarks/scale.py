@@ -248,9 +248,9 @@ def run(ctx: Context) -> Section:
     if clustered:
         section.notes.append(
             f"one shard's ceiling is {fmt_ratio(s['ceiling'].rate / s['cluster/1/1p'].rate)} what one "
-            "producer process offers: on this machine the producers' CPU is the limit, never a shard, so "
-            f"{SHARDS} shards cannot show a gain here; they spread load, memory and a failover's reach "
-            "over the primaries when Redis is the limit"
+            "producer process offers: here the producers' CPU bounds these rows, not a shard; with two "
+            "processes, six Redis nodes and the producers share the cores, so the 2-process rows move "
+            "with the machine's load (shards pay where Redis is the limit: its core, memory, a failover)"
         )
     section.notes.append(
         f"{PROCESSES} processes on a machine of {os.cpu_count()} cores shared with Redis (six cluster nodes "
