@@ -11,6 +11,7 @@ import click
 from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings
 
+from .._broker import check_broker
 from .._preflight import check_postgres, check_redis
 from ..drain import DrainSummary, drain
 from ._status import redis_client
@@ -39,7 +40,9 @@ async def run_flush(settings: Settings, *, time_budget: float | None, show_progr
     """Drain now; returns the summary as a dict (the same one the task returns and logs).
 
     Checks first, as the worker does at start-up: a Redis older than 7.0 raises
-    :class:`bridge._errors.RedisTooOld`, a missing table :class:`bridge._errors.NotMigrated`."""
+    :class:`bridge._errors.RedisTooOld`, a missing table :class:`bridge._errors.NotMigrated`, a
+    broker on the queue's Redis Cluster :class:`~analytics_sdk.ConfigurationError`."""
+    check_broker(settings)
     await check_redis(settings)
     await check_postgres(settings)
     length = await _backlog(settings)
