@@ -177,9 +177,7 @@ class LeaseKeeper:
     ) -> None:
         dead = {c.batch_id: by_batch[c.batch_id] for c in claims if c.batch_id in by_batch}
         try:
-            flags = await settle(
-                "ack", lambda: ack(self.redis, keys, claims, dead_letters=dead, stats=stats)
-            )
+            flags = await settle("ack", lambda: ack(self.redis, keys, claims, dead_letters=dead, stats=stats))
         except _STALL_ERRORS:
             keep_unfinished_ack(keys, claims, dead, stats)
             raise

@@ -1,8 +1,9 @@
 """Start-up checks of the worker (and the CLI's flush): a Redis that runs the scripts, a migrated table.
 
 - **Redis >= 7.0** (on a cluster: on every primary): every drain script starts with
-  ``#!lua flags=allow-oom``, which older servers cannot compile, so on 6.2 nothing would ever drain. That never fixes itself: the worker refuses to
-  start (exit code 2) with the version found and the version needed, and so does the CLI's flush.
+  ``#!lua flags=allow-oom``, which older servers cannot compile, so on 6.2 nothing would ever drain.
+  That never fixes itself: the worker refuses to start (exit code 2) with the version found and the
+  version needed, and so does the CLI's flush.
 - **The table**: a worker started before ``analytics-bridge migrate`` (no table, a column missing, or
   a revision older than the code's, :func:`bridge.schema.schema_problem`) logs one ERROR naming
   migrate and keeps running. Refusing would crash-loop a deployment that starts workers and runs migrate in
