@@ -120,7 +120,11 @@ async def claim_many(
     async with client.pipeline(transaction=False) as pipe:
         for batch_id, token in attempts:
             script_keys = [keys.queue, keys.leases, keys.inflight(batch_id), keys.owners]
-            pipe.evalsha(_lua.CLAIM.sha, len(script_keys), *script_keys, count, batch_id, token)
+            # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha
+            # method (not the command); the keys of one shard share a slot, so a node runs each.
+            pipe.execute_command(
+                "EVALSHA", _lua.CLAIM.sha, len(script_keys), *script_keys, count, batch_id, token
+            )
         replies = await pipe.execute(raise_on_error=False)
     claims: list[Claim] = []
     for (batch_id, token), reply in zip(attempts, replies, strict=True):
