@@ -106,8 +106,7 @@ class BatchWriter:
         progress: Callable[[DrainSummary], None] | None = None,
     ) -> None:
         self.settings = settings
-        # The base prefix's keys: each claim carries its own shard's, where its writes go.
-        self.keys = QueueKeys(settings.analytics_key_prefix)
+        self.keys = QueueKeys(settings.analytics_key_prefix)  # the base's; a Claim carries its shard's
         self.redis = redis
         self.conn = conn
         self.progress = progress
