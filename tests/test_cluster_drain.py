@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from analytics_sdk import Settings
 from analytics_sdk._event import validate
-from analytics_sdk._queue import QueueKeys, claim, dead_letter_entry, expired_leases, push
+from analytics_sdk._queue import QueueKeys, claim, claim_many, dead_letter_entry, expired_leases, push
 from analytics_sdk._topology import producer_shards, queue_client, record_shard_count
 from bridge.cli import main
 from bridge.drain import drain
@@ -176,3 +176,19 @@ def test_keys_of_the_drain_stay_in_their_shards_slot(on_cluster: Settings) -> No
     """No key of any shard lands outside its tag (what would make CROSSSLOT possible)."""
     for keys in producer_shards(on_cluster):
         assert isinstance(keys, QueueKeys) and keys.prefix.startswith("{") and keys.prefix.endswith("}")
+
+
+async def test_claim_many_on_a_node_without_the_scripts_falls_back(on_cluster: Settings) -> None:
+    """A primary that has no scripts (restarted, or a replica promoted before it was warmed up):
+    the claims' EVALSHA pipeline meets NOSCRIPT and each claim is sent with its body instead."""
+    await fill(on_cluster, [0, 0, 25, 0, 0, 0])
+    shard = producer_shards(on_cluster)[2]
+    client: Any = queue_client(on_cluster)
+    try:
+        await client.initialize()
+        await client.execute_command("SCRIPT FLUSH", target_nodes=client.get_node_from_key(shard.queue))
+        claims = await claim_many(client, shard, 10, [(f"b{i}", f"t{i}") for i in range(3)])
+    finally:
+        await client.aclose()
+    assert [len(c.items) for c in claims] == [10, 10, 5]
+    assert all(c.keys == shard for c in claims)

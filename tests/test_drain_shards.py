@@ -140,3 +140,24 @@ def test_status_after_k_was_raised_shows_a_line_per_shard(sharded: Settings) -> 
     assert re.search(r"^shards +5 ", text, re.M), text
     for prefix in by_shard:
         assert f"  {prefix}" in text
+
+
+def test_the_exporter_reports_totals_and_each_shards_queue(sharded: Settings) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bridge.cli._metrics import make_registry
+
+    # one shard: no per-shard family, as before
+    assert "analytics_shard_queue_length" not in generate_latest(make_registry(sharded)).decode()
+    four = sharded.replace(analytics_queue_shards=4)
+    run_blocking(produce(four, 10, "metrics"))
+    text = generate_latest(make_registry(four)).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("analytics_queue_length", ())] == 10
+    per_shard = {labels: v for (name, labels), v in samples.items() if name == "analytics_shard_queue_length"}
+    assert sorted(per_shard.values()) == [0, 2, 2, 3, 3]  # K = 1's queue (empty) and K = 4's
