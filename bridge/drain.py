@@ -75,6 +75,7 @@ async def _work(
     shards: list[QueueKeys],
     deadline: float,
     progress: Callable[[DrainSummary], None] | None,
+    started: list[DrainSummary],
 ) -> DrainSummary:
     """Reclaim on every shard, then claim from every shard that has events; PostgreSQL is connected
     only when there is work (an idle beat tick costs a few Redis commands per shard)."""
@@ -89,6 +90,7 @@ async def _work(
         return DrainSummary()
     conn: asyncpg.Connection[Any] = await connect(settings)
     worker = ShardDrain(settings, redis, conn, deadline, progress)
+    started.append(worker.summary)  # what the caller logs if this raises
     try:
         worker.keeper.start()
         try:
@@ -101,9 +103,6 @@ async def _work(
                     await worker.claim_fresh(keys)
         finally:
             await worker.keeper.stop()
-    except BaseException as exc:
-        logger.warning("drain stopped by %r; done so far: %s", exc, worker.summary.as_dict())
-        raise
     finally:
         await close(conn)
     return worker.summary
@@ -140,14 +139,16 @@ async def drain(
     base = base_keys(settings)
     # The cluster client answers the commands the drain uses like the plain one (see _topology).
     redis = cast("aioredis.Redis", queue_client(settings))
+    work: list[DrainSummary] = []
     try:
         shards = drain_order(await known_shards(redis, settings))
-        summary = await _work(settings, redis, shards, started + budget, progress)
+        summary = await _work(settings, redis, shards, started + budget, progress, work)
         summary.backlog = sum(await queue_depths(redis, shards))
         summary.seconds = time.monotonic() - started
         await _record(redis, base, summary)
     except BaseException as exc:
-        logger.warning("drain of %s stopped by %r", base.queue, exc)
+        done = work[0].as_dict() if work else "nothing claimed"
+        logger.warning("drain of %s stopped by %r; done so far: %s", base.queue, exc, done)
         raise
     finally:
         await redis.aclose()
