@@ -11,8 +11,8 @@
   line and the first drain after migrate lands them, with no restart.
 - The CLI's flush checks both before it claims anything, so it exits 2 on a missing or outdated
   table even with an empty queue (where the drain itself would not connect to PostgreSQL at all).
-- **Scripts** are loaded at worker start (one SCRIPT LOAD per script and node: cheap), so the first
-  drains send EVALSHA only; a node promoted later gets them through the EVALSHA -> EVAL fallback.
+- **Scripts** are loaded on every node of a cluster at worker start (one SCRIPT LOAD per script and
+  node: cheap); a node promoted later, or a plain Redis, gets them through the EVALSHA -> EVAL fallback.
 - A service that does not answer yet is logged and not fatal: the broker connection retries at
   start-up, and the drain retries like any outage.
 
@@ -84,7 +84,7 @@ async def _check_cluster(settings: Settings, *, load: bool) -> str:
             versions.append((str(node.name), str(info["redis_version"])))
         for name, version in versions:
             check_redis_version(version, f"Redis Cluster primary {name}")
-        if load:
+        if load:  # a warm-up only: load_scripts logs a node it cannot reach and goes on
             await load_scripts(client)
     finally:
         await client.aclose()
@@ -97,7 +97,8 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 async def check_redis(settings: Settings, *, load: bool = False) -> str:
     """Ask the queue's Redis for its version (``INFO server``) and check it; returns the version.
-    On a cluster every primary is asked. With ``load``, the queue scripts are loaded as well."""
+    On a cluster every primary is asked, and with ``load`` the queue scripts are loaded on every node
+    (a plain Redis loads them on first use: one EVAL per script, and no SCRIPT in its ACL)."""
     if settings.analytics_redis_cluster:
         return await _check_cluster(settings, load=load)
     timeout = settings.analytics_redis_timeout
@@ -106,11 +107,9 @@ async def check_redis(settings: Settings, *, load: bool = False) -> str:
     )
     try:
         version = await redis_version(client)
-        check_redis_version(version, f"Redis at {redact_url(settings.redis_dsn)}")
-        if load:
-            await load_scripts(client)
     finally:
         await client.aclose()
+    check_redis_version(version, f"Redis at {redact_url(settings.redis_dsn)}")
     return version
 
 
