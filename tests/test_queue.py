@@ -205,7 +205,7 @@ async def test_claim_moves_items_to_inflight_and_leases(
     before = await redis_now_ms(redis_client)
     got = await claim(redis_client, keys, 4, "batch-a", token="owner-a")
     after = await redis_now_ms(redis_client)
-    assert got == Claim("batch-a", payloads(0, 4), 0, "owner-a"), "the oldest first"
+    assert got == Claim("batch-a", payloads(0, 4), 0, "owner-a", keys), "the oldest first"
     assert await redis_client.lrange(keys.inflight("batch-a"), 0, -1) == payloads(0, 4)
     assert await redis_client.lrange(keys.queue, 0, -1) == payloads(4, 10)
     score = await redis_client.zscore(keys.leases, "batch-a")
