@@ -16,7 +16,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
 from servers import RedisServer, start_redis
 
+from analytics_sdk import _lua
 from analytics_sdk._queue import (
+    PUSH_GUARD_TTL_MS,
     Claim,
     QueueKeys,
     ack,
@@ -88,30 +90,26 @@ def test_key_names() -> None:
 # -- push --------------------------------------------------------------------------------------------
 
 
-async def test_push_is_one_script_call(own_redis: aioredis.Redis) -> None:
-    """RPUSH, LTRIM and the guard run inside one EVALSHA: no MULTI/EXEC, nothing else on the wire."""
+async def test_push_is_one_multi_with_the_payloads_outside_lua(own_redis: aioredis.Redis) -> None:
+    """The RPUSH of the payloads and one short script (guard, trim, count) in one MULTI: the payloads
+    never become a script's ARGV (that costs Redis several times the RPUSH), nothing else on the wire."""
     keys = QueueKeys("p")
-    await push(own_redis, keys, [b"warm-up"], cap=100)  # loads the script: later pushes are EVALSHA only
-    await own_redis.delete(keys.queue)
     await own_redis.config_resetstat()
     result = await push(own_redis, keys, payloads(0, 5), cap=100)
     counts = await command_counts(own_redis)
     assert result == (5, 0, False)
-    assert counts.get("evalsha") == 1
-    assert "eval" not in counts, "the script was cached: its body does not cross the wire again"
-    assert "multi" not in counts and "exec" not in counts
-    assert counts.get("rpush") == 1
-    assert counts.get("ltrim") == 1
+    assert counts.pop("config|resetstat") == 1
+    assert counts == {"multi": 1, "rpush": 1, "eval": 1, "get": 1, "llen": 1, "ltrim": 1, "set": 1, "exec": 1}
     assert "incrby" not in counts, "nothing dropped, nothing counted"
     assert await own_redis.lrange(keys.queue, 0, -1) == payloads(0, 5)
 
 
-async def test_push_at_the_cap_counts_its_drops_inside_the_script(
+async def test_push_at_the_cap_counts_its_drops_inside_the_transaction(
     server: RedisServer, own_redis: aioredis.Redis
 ) -> None:
-    """The dropped counter is written by the same script as the trim (never a separate INCRBY that a
-    lost reply or a crash could skip): MONITOR shows the client sending one EVALSHA, and INCRBY run
-    by Lua."""
+    """The dropped counter is written by the same script as the trim, in the same MULTI as the RPUSH
+    (never a separate INCRBY that a lost reply or a crash could skip): MONITOR shows the client's
+    RPUSH and EVAL, and the trim and INCRBY run by Lua after the RPUSH."""
     keys = QueueKeys("p")
     await push(own_redis, keys, payloads(0, 8), cap=100)
     seen: list[tuple[str, str]] = []  # (who, command) for everything the server ran
@@ -123,9 +121,23 @@ async def test_push_at_the_cap_counts_its_drops_inside_the_script(
             who = "lua" if entry["client_type"] == "lua" else "client"
             seen.append((who, entry["command"].split()[0].upper()))
     assert result == (12, 2, False)
-    assert [command for who, command in seen if who == "client"] == ["EVALSHA"]
-    assert [command for who, command in seen if who == "lua"] == ["GET", "RPUSH", "LTRIM", "INCRBY", "SET"]
+    assert [command for who, command in seen if who == "client"] == ["MULTI", "RPUSH", "EVAL"]
+    assert [command for who, command in seen if who == "lua"] == ["GET", "LLEN", "LTRIM", "INCRBY", "SET"]
     assert await own_redis.get(keys.dropped) == b"2"
+
+
+async def test_a_retry_takes_back_its_own_rpush_only(redis_client: aioredis.Redis, keys: QueueKeys) -> None:
+    """A retry of a push that ran appends its payloads in the MULTI and the script takes back exactly
+    those: what others pushed in between stays, in order; a push that ran as the one-script PUSH (a
+    cluster, the sync client's direct lane) is recognised by the same guard."""
+    assert await push(redis_client, keys, payloads(0, 3), cap=100, token="t") == (3, 0, False)
+    await push(redis_client, keys, payloads(3, 5), cap=100)  # another producer's, after it
+    assert await push(redis_client, keys, payloads(0, 3), cap=100, token="t") == (3, 0, True)
+    guard = keys.push_guard("by-script")
+    args = [100, PUSH_GUARD_TTL_MS, *payloads(5, 6)]
+    assert await _lua.PUSH(redis_client, [keys.queue, keys.dropped, guard], args) == [6, 0, 0]
+    assert await push(redis_client, keys, payloads(5, 6), cap=100, token="by-script") == (6, 0, True)
+    assert await redis_client.lrange(keys.queue, 0, -1) == payloads(0, 6)
 
 
 async def test_cap_drops_exactly_the_oldest_and_counts_them(
