@@ -21,6 +21,7 @@ from . import _lua
 from ._keys import QueueKeys
 
 __all__ = [
+    "MULTI_FROM_BYTES",
     "PUSH_GUARD_TTL_MS",
     "Claim",
     "PushResult",
@@ -43,6 +44,10 @@ __all__ = [
 #: take (they end within its publish deadline), short enough that the guards of a busy producer cost
 #: little memory (one small key per push, not per event: ~2.5 MB at 1,000 pushes/s).
 PUSH_GUARD_TTL_MS = 15_000
+#: From this many payload bytes on, a push is a MULTI of the RPUSH and a short script instead of the one
+#: script: redis.asyncio's MULTI costs the client ~30 us more per push, Lua's ARGV costs Redis ~1 ns per
+#: byte; they cross between 64 and 128 events of 600 bytes (measured: docs/benchmarks.md).
+MULTI_FROM_BYTES = 64 * 1024
 
 
 class PushResult(NamedTuple):
@@ -60,8 +65,9 @@ async def push(
     token: str | None = None,
 ) -> PushResult:
     """Append ``payloads``, trim the queue to ``cap`` (dropping the oldest) and count what was dropped,
-    in one atomic step (a MULTI of the RPUSH and :data:`._lua.PUSH_AFTER_RPUSH`; on a cluster the one
-    script :data:`._lua.PUSH`), so the count is exact even if this process dies right after.
+    in one atomic step (the script :data:`._lua.PUSH`; from :data:`MULTI_FROM_BYTES` on, except on a
+    cluster, a MULTI of the RPUSH and :data:`._lua.PUSH_AFTER_RPUSH`), so the count is exact even if
+    this process dies right after.
 
     Pass the same ``token`` when retrying a push whose outcome is unknown (a timeout): if the first
     attempt ran, the retry queues nothing and returns the first result. With the RPUSH reply being
@@ -70,15 +76,15 @@ async def push(
     """
     guard = keys.push_guard(token or uuid.uuid4().hex)
     script_keys = [keys.queue, keys.dropped, guard]
-    if not payloads or isinstance(client, RedisCluster):
-        # A cluster: the one script, which the client follows to a slot's new owner on MOVED, where a
-        # MULTI would fail once (tests/test_cluster_client.py).
+    if isinstance(client, RedisCluster) or sum(map(len, payloads)) < MULTI_FROM_BYTES:
+        # One EVALSHA: on a cluster the client follows it to a slot's new owner on MOVED, where a
+        # MULTI would fail once (tests/test_cluster_client.py); and for a small push it is the
+        # cheaper round trip.
         reply = await _lua.PUSH(client, script_keys, [cap, PUSH_GUARD_TTL_MS, *payloads])
     else:
-        # The payloads stay out of Lua: taking them in as ARGV costs Redis ~1 ns per byte (3-4x the
-        # whole MULTI), so RPUSH them in a MULTI and let the script that follows do the rest.
-        # Refused whole under OOM: the MULTI is (nothing queued runs). EVAL, not EVALSHA: a NOSCRIPT
-        # would come after the RPUSH had run.
+        # The payloads stay out of Lua: taking them in as a script's ARGV costs Redis ~1 ns per byte
+        # (1,000 events: ~0.9 ms against ~0.2 ms for this MULTI). EVAL, not EVALSHA: a NOSCRIPT would
+        # come after the RPUSH had run. Refused whole under OOM, as the script is: nothing queued runs.
         after = _lua.PUSH_AFTER_RPUSH.source
         async with client.pipeline(transaction=True) as multi:
             multi.rpush(keys.queue, *payloads)
