@@ -69,7 +69,8 @@ class Script:
 
 
 # KEYS: queue, dropped, guard. ARGV: cap, guard ttl ms, payloads...
-# What a cluster client and the sync client's direct lane run (PUSH_AFTER_RPUSH costs Redis less).
+# Run for pushes under _queue.MULTI_FROM_BYTES, on a cluster and by the sync client's direct lane; larger
+# pushes take PUSH_AFTER_RPUSH (Lua takes ARGV in at ~1 ns per byte, so the payloads stay out of it).
 # Refused under OOM before it writes anything (no allow-oom). Push, trim and the dropped count are
 # one atomic step: a crash between them cannot lose the count. The guard key remembers this push's
 # result for a while, so a retry of a push whose reply was lost queues nothing twice.
