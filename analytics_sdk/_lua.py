@@ -31,6 +31,7 @@ __all__ = [
     "EXPIRE_RELEASE",
     "MARK",
     "PUSH",
+    "PUSH_AFTER_RPUSH",
     "RENEW",
     "SPLIT",
     "TAKE_OVER",
@@ -68,6 +69,8 @@ class Script:
 
 
 # KEYS: queue, dropped, guard. ARGV: cap, guard ttl ms, payloads...
+# Run for pushes under _queue.MULTI_FROM_BYTES, on a cluster and by the sync client's direct lane; larger
+# pushes take PUSH_AFTER_RPUSH (Lua takes ARGV in at ~1 ns per byte, so the payloads stay out of it).
 # Refused under OOM before it writes anything (no allow-oom). Push, trim and the dropped count are
 # one atomic step: a crash between them cannot lose the count. The guard key remembers this push's
 # result for a while, so a retry of a push whose reply was lost queues nothing twice.
@@ -87,6 +90,28 @@ for i = 3, #ARGV, 500 do
 end
 redis.call('LTRIM', KEYS[1], -cap, -1)
 local dropped = math.max(0, length - cap)
+if dropped > 0 then redis.call('INCRBY', KEYS[2], dropped) end
+redis.call('SET', KEYS[3], length .. ':' .. dropped, 'PX', ARGV[2])
+return {length, dropped, 0}
+"""
+)
+
+# KEYS: queue, dropped, guard. ARGV: cap, guard ttl ms, how many the RPUSH before it appended.
+# PUSH with the payloads left out: it runs in a MULTI right after their RPUSH (see _queue.push), so the
+# two are one atomic step and the payloads never become Lua strings. A retry of a push that ran takes
+# back what its own RPUSH appended (the last ARGV[3] items: nothing ran in between) and returns the
+# first result. Sent by EVAL (its body is short): a NOSCRIPT would come after the RPUSH had run.
+PUSH_AFTER_RPUSH = Script(
+    """#!lua
+local done = redis.call('GET', KEYS[3])
+if done then
+  redis.call('LTRIM', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+  local sep = string.find(done, ':', 1, true)
+  return {tonumber(string.sub(done, 1, sep - 1)), tonumber(string.sub(done, sep + 1)), 1}
+end
+local length = redis.call('LLEN', KEYS[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+local dropped = math.max(0, length - tonumber(ARGV[1]))
 if dropped > 0 then redis.call('INCRBY', KEYS[2], dropped) end
 redis.call('SET', KEYS[3], length .. ':' .. dropped, 'PX', ARGV[2])
 return {length, dropped, 0}

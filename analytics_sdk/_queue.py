@@ -14,12 +14,15 @@ from typing import Any, NamedTuple, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from . import _lua
 from ._keys import QueueKeys
+from ._redis import AnyRedis
 
 __all__ = [
+    "MULTI_FROM_BYTES",
     "PUSH_GUARD_TTL_MS",
     "Claim",
     "PushResult",
@@ -32,6 +35,7 @@ __all__ = [
     "mark_reclaims",
     "new_token",
     "push",
+    "redis_time",
     "release",
     "renew",
     "split_lease",
@@ -42,6 +46,10 @@ __all__ = [
 #: take (they end within its publish deadline), short enough that the guards of a busy producer cost
 #: little memory (one small key per push, not per event: ~2.5 MB at 1,000 pushes/s).
 PUSH_GUARD_TTL_MS = 15_000
+#: From this many payload bytes on, a push is a MULTI of the RPUSH and a short script instead of the one
+#: script: redis.asyncio's MULTI costs the client ~30 us more per push, Lua's ARGV costs Redis ~1 ns per
+#: byte; they cross between 64 and 128 events of 600 bytes (measured: docs/benchmarks.md).
+MULTI_FROM_BYTES = 64 * 1024
 
 
 class PushResult(NamedTuple):
@@ -59,7 +67,9 @@ async def push(
     token: str | None = None,
 ) -> PushResult:
     """Append ``payloads``, trim the queue to ``cap`` (dropping the oldest) and count what was dropped,
-    in one script: atomic, so the count is exact even if this process dies right after.
+    in one atomic step (the script :data:`._lua.PUSH`; from :data:`MULTI_FROM_BYTES` on, except on a
+    cluster, a MULTI of the RPUSH and :data:`._lua.PUSH_AFTER_RPUSH`), so the count is exact even if
+    this process dies right after.
 
     Pass the same ``token`` when retrying a push whose outcome is unknown (a timeout): if the first
     attempt ran, the retry queues nothing and returns the first result. With the RPUSH reply being
@@ -67,9 +77,22 @@ async def push(
     than it added when the cap was lowered since).
     """
     guard = keys.push_guard(token or uuid.uuid4().hex)
-    length, dropped, repeated = await _lua.PUSH(
-        client, [keys.queue, keys.dropped, guard], [cap, PUSH_GUARD_TTL_MS, *payloads]
-    )
+    script_keys = [keys.queue, keys.dropped, guard]
+    if isinstance(client, RedisCluster) or sum(map(len, payloads)) < MULTI_FROM_BYTES:
+        # One EVALSHA: on a cluster the client follows it to a slot's new owner on MOVED, where a
+        # MULTI would fail once (tests/test_cluster_client.py); and for a small push it is the
+        # cheaper round trip.
+        reply = await _lua.PUSH(client, script_keys, [cap, PUSH_GUARD_TTL_MS, *payloads])
+    else:
+        # The payloads stay out of Lua: taking them in as a script's ARGV costs Redis ~1 ns per byte
+        # (1,000 events: ~0.9 ms against ~0.2 ms for this MULTI). EVAL, not EVALSHA: a NOSCRIPT would
+        # come after the RPUSH had run. Refused whole under OOM, as the script is: nothing queued runs.
+        after = _lua.PUSH_AFTER_RPUSH.source
+        async with client.pipeline(transaction=True) as multi:
+            multi.rpush(keys.queue, *payloads)
+            multi.eval(after, 3, *script_keys, cap, PUSH_GUARD_TTL_MS, len(payloads))
+            reply = (await multi.execute())[1]
+    length, dropped, repeated = reply
     return PushResult(int(length), int(dropped), bool(repeated))
 
 
@@ -78,6 +101,9 @@ class Claim(NamedTuple):
     items: list[bytes]
     reclaims: int  # 0 for a fresh claim; n for the n-th take-over of a lease whose drain died
     token: str = ""  # the owner token: ack, split, renew and release act only while it is current
+    #: The keys of the shard the batch came from: its ack, split, renewal, release and dead letters
+    #: go to that shard (None only for a Claim built by hand; the drain always sets it).
+    keys: QueueKeys | None = None
 
 
 def _stakes(claims: Sequence[Claim]) -> list[str]:
@@ -101,7 +127,7 @@ async def claim(
     items = await _lua.CLAIM(
         client, [keys.queue, keys.leases, keys.inflight(batch_id), keys.owners], [count, batch_id, token]
     )
-    return Claim(batch_id, list(items or []), 0, token)
+    return Claim(batch_id, list(items or []), 0, token, keys)
 
 
 async def claim_many(
@@ -114,7 +140,11 @@ async def claim_many(
     async with client.pipeline(transaction=False) as pipe:
         for batch_id, token in attempts:
             script_keys = [keys.queue, keys.leases, keys.inflight(batch_id), keys.owners]
-            pipe.evalsha(_lua.CLAIM.sha, len(script_keys), *script_keys, count, batch_id, token)
+            # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha
+            # method (not the command); the keys of one shard share a slot, so a node runs each.
+            pipe.execute_command(
+                "EVALSHA", _lua.CLAIM.sha, len(script_keys), *script_keys, count, batch_id, token
+            )
         replies = await pipe.execute(raise_on_error=False)
     claims: list[Claim] = []
     for (batch_id, token), reply in zip(attempts, replies, strict=True):
@@ -123,7 +153,7 @@ async def claim_many(
         elif isinstance(reply, BaseException):
             raise reply
         else:
-            claims.append(Claim(batch_id, list(reply or []), 0, token))
+            claims.append(Claim(batch_id, list(reply or []), 0, token, keys))
     return claims
 
 
@@ -131,8 +161,11 @@ async def expired_leases(
     client: aioredis.Redis, keys: QueueKeys, visibility_timeout: float, limit: int = 100
 ) -> list[tuple[str, str]]:
     """(batch_id, score as Redis prints it) of leases older than the visibility timeout by Redis's
-    clock, or released by their owner (score 0). :func:`take_over` checks again, atomically."""
-    seconds, micros = await client.time()
+    clock, or released by their owner (score 0). :func:`take_over` checks again, atomically.
+
+    The clock is the one of the node that owns ``keys.leases`` (the node whose scripts score the
+    leases): on a cluster TIME would otherwise go to a default node, whose clock may differ."""
+    seconds, micros = await redis_time(client, keys.leases)
     cutoff = int(seconds) * 1000 + int(micros) // 1000 - int(visibility_timeout * 1000)
     rows = cast(
         "list[tuple[bytes | str, float]]",
@@ -142,6 +175,16 @@ async def expired_leases(
         (member.decode() if isinstance(member, bytes) else str(member), _lua_number(score))
         for member, score in rows
     ]
+
+
+async def redis_time(client: AnyRedis, key: str) -> tuple[int, int]:
+    """TIME on the node that owns ``key`` (the only node on a plain Redis): (seconds, microseconds)."""
+    if isinstance(client, RedisCluster):
+        reply: Any = await client.execute_command("TIME", target_nodes=client.get_node_from_key(key))
+    else:
+        reply = await client.time()
+    seconds, micros = reply
+    return int(seconds), int(micros)
 
 
 def _lua_number(score: float) -> str:
@@ -168,7 +211,7 @@ async def take_over(
     if not reply:
         return None
     count, items = reply
-    return Claim(batch_id, list(items), int(count), token)
+    return Claim(batch_id, list(items), int(count), token, keys)
 
 
 def dead_letter_entry(payload: bytes | str, error: str, **extra: Any) -> bytes:

@@ -53,9 +53,13 @@ async def record_shard_count(client: AnyRedis, settings: Settings) -> None:
 
 
 async def known_shards(client: AnyRedis, settings: Settings) -> tuple[QueueKeys, ...]:
-    """Every shard of every K ever recorded, and of this process's own K: what a drain visits."""
+    """Every shard of every K ever recorded, of this process's own K, and of K = 1: what a drain visits.
+
+    K = 1 always: a deployment from before the counts were recorded holds its queue under K = 1's
+    keys (today's), and a first producer with a larger K records only its own; an empty shard costs
+    one round trip."""
     recorded: Any = await client.smembers(base_keys(settings).shard_counts)
-    counts = {settings.analytics_queue_shards} | {int(count) for count in recorded}
+    counts = {1, settings.analytics_queue_shards} | {int(count) for count in recorded}
     return all_shard_keys(
         settings.analytics_key_prefix, sorted(counts), cluster=settings.analytics_redis_cluster
     )

@@ -15,7 +15,8 @@ configuration before and after):
 
 It refuses, with :class:`~analytics_sdk.ConfigurationError` naming the setting and leaving the app as
 it was, what would not work: soft time limit not below the hard one, a visibility timeout too short
-for the heartbeat, an ``accept_content`` without json (the worker would reject every flush message;
+for the heartbeat, a Celery broker on the Redis Cluster of the queue (:mod:`bridge._broker`), an
+``accept_content`` without json (the worker would reject every flush message;
 adding json to someone's accept list is their decision), a route or beat entry of the app's own for
 the task elsewhere, another task already registered under the name (the old service's task).
 
@@ -35,6 +36,7 @@ from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings, env_name
 
 from . import _maintenance_task, _shutdown, _worker_start
+from ._broker import check_broker
 from .tasks import TASK_OPTIONS, flush
 
 if TYPE_CHECKING:
@@ -147,6 +149,10 @@ def install(app: Celery, *, beat: bool = True) -> Task[Any, Any]:
     settings = Settings.from_env()
     check_time_limits(settings)
     conf = app.conf
+    # Next to a Redis Cluster the broker must be elsewhere (kombu cannot use a cluster): both the
+    # SDK's (where clients send the flush task) and this app's (where the worker consumes).
+    check_broker(settings)
+    check_broker(settings, conf.broker_url or None, where="broker_url")
     _worker_start.check_accepts_json(app)
     routes = _maintenance_task.with_route(_routes_with_ours(conf.task_routes))
     schedule = _schedule_with_ours(conf.beat_schedule, settings) if beat else None

@@ -1,4 +1,5 @@
-"""The leases one drain holds: a heartbeat that keeps them, their fenced ack and release, and a settler
+"""The leases one drain holds (on any number of shards: each claim carries its shard's keys and every
+write for it goes to that shard): a heartbeat that keeps them, their fenced ack and release, and a settler
 that finishes those when Redis stalls.
 
 **Heartbeat.** While a drain works, its leases are renewed every ``visibility_timeout / 4`` under its
@@ -125,21 +126,32 @@ class LeaseKeeper:
         for c in claims:
             self.held.pop(c.batch_id, None)
 
+    def shard_of(self, claim: Claim) -> QueueKeys:
+        """The keys of the shard ``claim`` came from (this keeper's own for a claim without any)."""
+        return claim.keys or self.keys
+
+    def by_shard(self, claims: Sequence[Claim]) -> dict[QueueKeys, list[Claim]]:
+        groups: dict[QueueKeys, list[Claim]] = {}
+        for c in claims:
+            groups.setdefault(self.shard_of(c), []).append(c)
+        return groups
+
     async def ack(
         self, claims: Sequence[Claim], dead: list[bytes], inserted: int, duplicates: int
     ) -> tuple[list[Claim], list[bytes]]:
         """After COMMIT: ack ``claims`` with their dead letters and the transaction's counts, through a
-        stall if need be. Returns the claims that were still ours and the dead letters written."""
+        stall if need be. Returns the claims that were still ours and the dead letters written.
+
+        Each shard's claims are acked by one script on that shard's keys (one slot); a group of the
+        drain comes from one shard, so the transaction's counts go to that shard's stats."""
         by_batch = _dead_by_batch(claims, dead)
-        stats = {"inserted": inserted, "duplicates": duplicates}
         self.drop(claims)  # acked leases need no renewal (and would look taken over)
-        try:
-            flags = await settle(
-                "ack", lambda: ack(self.redis, self.keys, claims, dead_letters=by_batch, stats=stats)
-            )
-        except _STALL_ERRORS:
-            keep_unfinished_ack(self.keys, claims, by_batch, stats)
-            raise
+        flag_of: dict[str, bool] = {}
+        stats = {"inserted": inserted, "duplicates": duplicates}
+        for keys, group in self.by_shard(claims).items():
+            await self._ack_shard(keys, group, by_batch, stats, flag_of)
+            stats = {}  # the transaction's counts are written once, with its first shard
+        flags = [flag_of[c.batch_id] for c in claims]
         ours = [c for c, flag in zip(claims, flags, strict=True) if flag]
         if len(ours) < len(claims):
             # Another drain took these over while we worked (we were paused past the lease): it owns
@@ -155,18 +167,35 @@ class LeaseKeeper:
             )
         return ours, [entry for c in ours for entry in by_batch.get(c.batch_id, ())]
 
+    async def _ack_shard(
+        self,
+        keys: QueueKeys,
+        claims: list[Claim],
+        by_batch: dict[str, list[bytes]],
+        stats: dict[str, int],
+        flag_of: dict[str, bool],
+    ) -> None:
+        dead = {c.batch_id: by_batch[c.batch_id] for c in claims if c.batch_id in by_batch}
+        try:
+            flags = await settle("ack", lambda: ack(self.redis, keys, claims, dead_letters=dead, stats=stats))
+        except _STALL_ERRORS:
+            keep_unfinished_ack(keys, claims, dead, stats)
+            raise
+        flag_of.update((c.batch_id, flag) for c, flag in zip(claims, flags, strict=True))
+
     async def release(self, claims: Sequence[Claim]) -> None:
         """Give ``claims`` back for the next drain at once (their items stay in flight). Through a
         Redis stall it keeps trying for a while, then leaves them to the next drain in this process."""
         if not claims:
             return
         self.drop(claims)
-        try:
-            await settle("release", lambda: release(self.redis, self.keys, claims))
-        except _STALL_ERRORS:
-            keep_unfinished_release(self.keys, claims)
-        except Exception as exc:  # e.g. a refused script: the leases expire on their own
-            logger.warning("could not release %s batch(es): %s", len(claims), exc)
+        for keys, group in self.by_shard(claims).items():
+            try:
+                await settle("release", _releasing(self.redis, keys, group))
+            except _STALL_ERRORS:
+                keep_unfinished_release(keys, group)
+            except Exception as exc:  # e.g. a refused script: the leases expire on their own
+                logger.warning("could not release %s batch(es): %s", len(group), exc)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._beat(), name="analytics-lease-heartbeat")
@@ -188,13 +217,14 @@ class LeaseKeeper:
             stakes = list(self.held.values())
             if not stakes:
                 continue
-            try:
-                flags = await renew(self.redis, self.keys, stakes)
-            except _STALL_ERRORS as exc:  # the next beat tries again; the lease has slack till then
-                logger.warning("could not renew %s lease(s): %s", len(stakes), exc)
-                continue
+            outcome: list[tuple[Claim, bool]] = []
+            for keys, group in self.by_shard(stakes).items():
+                try:
+                    outcome += zip(group, await renew(self.redis, keys, group), strict=True)
+                except _STALL_ERRORS as exc:  # the next beat tries again; the lease has slack till then
+                    logger.warning("could not renew %s lease(s) of %s: %s", len(group), keys.prefix, exc)
             # A lease acked or released while the renewal was in flight is no longer held: not lost.
-            lost = [c for c, ours in zip(stakes, flags, strict=True) if not ours and c.batch_id in self.held]
+            lost = [c for c, ours in outcome if not ours and c.batch_id in self.held]
             if lost:
                 self.drop(lost)
                 logger.warning(
@@ -202,6 +232,10 @@ class LeaseKeeper:
                     len(lost),
                     ", ".join(c.batch_id for c in lost[:5]),
                 )
+
+
+def _releasing(redis: aioredis.Redis, keys: QueueKeys, claims: list[Claim]) -> Callable[[], Awaitable[int]]:
+    return lambda: release(redis, keys, claims)
 
 
 def _dead_by_batch(claims: Sequence[Claim], dead: list[bytes]) -> dict[str, list[bytes]]:

@@ -1,8 +1,9 @@
 """Start-up checks of the worker (and the CLI's flush): a Redis that runs the scripts, a migrated table.
 
-- **Redis >= 7.0**: every drain script starts with ``#!lua flags=allow-oom``, which older servers
-  cannot compile, so on 6.2 nothing would ever drain. That never fixes itself: the worker refuses to
-  start (exit code 2) with the version found and the version needed, and so does the CLI's flush.
+- **Redis >= 7.0** (on a cluster: on every primary): every drain script starts with
+  ``#!lua flags=allow-oom``, which older servers cannot compile, so on 6.2 nothing would ever drain.
+  That never fixes itself: the worker refuses to start (exit code 2) with the version found and the
+  version needed, and so does the CLI's flush.
 - **The table**: a worker started before ``analytics-bridge migrate`` (no table, a column missing, or
   a revision older than the code's, :func:`bridge.schema.schema_problem`) logs one ERROR naming
   migrate and keeps running. Refusing would crash-loop a deployment that starts workers and runs migrate in
@@ -10,6 +11,8 @@
   line and the first drain after migrate lands them, with no restart.
 - The CLI's flush checks both before it claims anything, so it exits 2 on a missing or outdated
   table even with an empty queue (where the drain itself would not connect to PostgreSQL at all).
+- **Scripts** are loaded on every node of a cluster at worker start (one SCRIPT LOAD per script and
+  node: cheap); a node promoted later, or a plain Redis, gets them through the EVALSHA -> EVAL fallback.
 - A service that does not answer yet is logged and not fatal: the broker connection retries at
   start-up, and the drain retries like any outage.
 
@@ -26,8 +29,9 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from analytics_sdk._redis import cluster_client, load_scripts
 from analytics_sdk._settings import Settings, redact_url
 
 from ._errors import NotMigrated, RedisTooOld, advice, is_connection_error
@@ -67,8 +71,36 @@ async def redis_version(client: aioredis.Redis) -> str:
     return str(info["redis_version"])
 
 
-async def check_redis(settings: Settings) -> str:
-    """Ask the queue's Redis for its version (``INFO server``) and check it; returns the version."""
+async def _check_cluster(settings: Settings, *, load: bool) -> str:
+    """``INFO server`` on every primary of the cluster (a shard's scripts run on its primary, any
+    of them); the lowest version found is returned. With ``load``, the scripts are loaded on every
+    node too (a warm-up: EVALSHA falls back to EVAL on a node without them)."""
+    client = cluster_client(settings, startup_nodes=settings.cluster_startup_nodes)
+    try:
+        await client.initialize()
+        versions: list[tuple[str, str]] = []
+        for node in client.get_primaries():
+            info: Any = await client.execute_command("INFO", "server", target_nodes=node)
+            versions.append((str(node.name), str(info["redis_version"])))
+        for name, version in versions:
+            check_redis_version(version, f"Redis Cluster primary {name}")
+        if load:  # a warm-up only: load_scripts logs a node it cannot reach and goes on
+            await load_scripts(client)
+    finally:
+        await client.aclose()
+    return min((v for _, v in versions), key=_version_key, default="?")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+async def check_redis(settings: Settings, *, load: bool = False) -> str:
+    """Ask the queue's Redis for its version (``INFO server``) and check it; returns the version.
+    On a cluster every primary is asked, and with ``load`` the queue scripts are loaded on every node
+    (a plain Redis loads them on first use: one EVAL per script, and no SCRIPT in its ACL)."""
+    if settings.analytics_redis_cluster:
+        return await _check_cluster(settings, load=load)
     timeout = settings.analytics_redis_timeout
     client = aioredis.Redis.from_url(
         settings.redis_dsn, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -100,8 +132,9 @@ async def check_postgres(settings: Settings) -> None:
 async def _checks(settings: Settings) -> None:
     redis_url, database_url = redact_url(settings.redis_dsn), redact_url(settings.database_url)
     try:
-        version = await check_redis(settings)
-    except RedisError as exc:  # not fatal: the drain retries; RedisTooOld is not a RedisError
+        version = await check_redis(settings, load=True)
+    except (RedisError, RedisClusterException) as exc:  # not fatal: the drain retries (RedisTooOld is
+        # neither: it propagates)
         logger.error("start-up check: Redis at %s: %s", redis_url, advice(exc))
     else:
         logger.info("start-up check: Redis %s at %s", version, redis_url)

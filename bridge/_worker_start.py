@@ -5,8 +5,9 @@ which wires two Celery signals once per process:
 
 - ``celeryd_after_setup`` (logging set up, pool not yet forked): for an installed app only, the app's
   configuration is checked again (it may have changed after ``install``: a pickle-only
-  ``accept_content`` refuses to start, exit code 2), a setting that hurts the drain is named in a
-  WARNING, and :func:`bridge._preflight.worker_preflight` checks Redis >= 7.0 and the table. A worker
+  ``accept_content`` or a broker on the queue's Redis Cluster refuses to start, exit code 2), a
+  setting that hurts the drain is named in a WARNING, and :func:`bridge._preflight.worker_preflight`
+  checks Redis >= 7.0 (every primary of a cluster), loads the scripts, and checks the table. A worker
   of any other app in the same process is left alone.
 - ``worker_shutting_down``: raises the stop flag (:mod:`bridge._shutdown`) so every drain of the pool
   stops claiming; the flag itself is made by ``install``, before the pool forks.
@@ -27,6 +28,7 @@ from analytics_sdk._sender import FLUSH_QUEUE, FLUSH_TASK
 from analytics_sdk._settings import Settings, env_name, redact_url
 
 from . import _shutdown
+from ._broker import check_broker
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -128,6 +130,8 @@ def _on_worker_setup(sender: object = None, instance: object = None, **_: object
     assert app is not None
     try:
         check_accepts_json(app)
+        # the app's broker may have changed since install (kombu cannot consume from a cluster)
+        check_broker(entry.settings, app.conf.broker_url or None, where="broker_url")
     except ConfigurationError as exc:
         logger.critical("refusing to start: %s", exc)
         raise SystemExit(2) from exc  # a signal handler's Exception would only be logged

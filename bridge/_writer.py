@@ -106,7 +106,7 @@ class BatchWriter:
         progress: Callable[[DrainSummary], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.keys = QueueKeys(settings.analytics_key_prefix)
+        self.keys = QueueKeys(settings.analytics_key_prefix)  # the base's; a Claim carries its shard's
         self.redis = redis
         self.conn = conn
         self.progress = progress
@@ -291,9 +291,10 @@ class BatchWriter:
         summary.dead_lettered += len(written)
         summary.batches += len(ours)
         if written:
+            where = self.keeper.shard_of(ours[0]).dead
             for entry in written[:3]:
-                logger.warning("dead-lettered to %s: %s", self.keys.dead, entry.decode()[:500])
+                logger.warning("dead-lettered to %s: %s", where, entry.decode()[:500])
             if len(written) > 3:
-                logger.warning("dead-lettered %s more event(s) to %s", len(written) - 3, self.keys.dead)
+                logger.warning("dead-lettered %s more event(s) to %s", len(written) - 3, where)
         if self.progress is not None:
             self.progress(dataclasses.replace(summary))

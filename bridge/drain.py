@@ -1,5 +1,15 @@
 """The drain: claim -> decode -> insert -> ack, with reclaim, bisection and dead letters (DESIGN §3).
 
+**Shards.** One drain visits every shard of every shard count ever recorded
+(:func:`analytics_sdk._topology.known_shards`: a queue left under an old K is drained until empty),
+starting at a random one so concurrent workers spread over the shards. Expired leases are taken over
+on every shard first, then each shard with events is claimed from until it is empty or the budget is
+spent. The work itself is :class:`bridge._shard_drain.ShardDrain`'s; each claim carries its shard's
+keys, so its ack, dead letters, renewals and releases go to that shard. Each shard keeps its own
+counters (``inserted``, ``duplicates``, ``dead``) in its stats hash; ``last_flush_at`` and
+``last_summary`` of the whole drain go to the base prefix's stats hash (with K = 1 on a plain Redis
+that is the same hash as before).
+
 One call of :func:`drain` makes its own Redis client and asyncpg connection and closes both before it
 returns, so it can run under ``asyncio.run`` in a forked Celery worker as often as needed.
 
@@ -26,176 +36,87 @@ leaves the claimed batches in flight, writes no dead letter, and propagates, so 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from analytics_sdk._queue import (
-    Claim,
-    QueueKeys,
-    dead_letter_entry,
-    expired_leases,
-    mark_reclaims,
-    split_lease,
-    take_over,
-)
-from analytics_sdk._redis import redis_client
+from analytics_sdk._queue import QueueKeys, expired_leases, redis_time
 from analytics_sdk._settings import Settings
+from analytics_sdk._shards import queue_depths
+from analytics_sdk._topology import base_keys, known_shards, queue_client
 
-from . import _failpoints, _shutdown
-from ._groups import claim_group
 from ._leases import settle_unfinished
-from ._writer import BatchWriter, DrainSummary
-from .store import InsertResult, close, connect
+from ._shard_drain import MAX_RECLAIMS, ShardDrain
+from ._writer import DrainSummary
+from .store import close, connect
 
-__all__ = ["MAX_RECLAIMS", "DrainSummary", "drain"]
+__all__ = ["MAX_RECLAIMS", "DrainSummary", "drain", "drain_order"]
 
 logger = logging.getLogger(__name__)
 
-#: A lease taken over more often than this is split event by event (its workers keep dying).
-MAX_RECLAIMS = 3
+
+def drain_order(shards: tuple[QueueKeys, ...]) -> list[QueueKeys]:
+    """``shards`` rotated to start at a random one: concurrent drains start on different shards, and a
+    drain cut short by its budget does not always leave the same shards for last."""
+    start = random.randrange(len(shards)) if shards else 0
+    return [*shards[start:], *shards[:start]]
 
 
-class _Drain(BatchWriter):
-    """One drain call: a :class:`BatchWriter` with a deadline and a claiming strategy."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        redis: aioredis.Redis,
-        conn: asyncpg.Connection[Any],
-        deadline: float,
-        progress: Callable[[DrainSummary], None] | None,
-    ) -> None:
-        super().__init__(settings, redis, conn, progress)
-        self.deadline = deadline
-
-    def out_of_time(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-    # -- reclaim --------------------------------------------------------------------------------
-
-    async def reclaim(self, leases: list[tuple[str, str]]) -> None:
-        seen: set[str] = set()
-        while leases:
-            for batch_id, score in leases:
-                if self.out_of_time():
-                    self.summary.budget_spent = True
-                    return
-                if _shutdown.stop_requested():
-                    self.summary.stopped = True
-                    return
-                seen.add(batch_id)
-                taken = await take_over(
-                    self.redis, self.keys, batch_id, score, self.settings.analytics_visibility_timeout
-                )
-                if taken is None:  # another drain got it first, it was acked, or it is alive after all
-                    continue
-                self.keeper.hold([taken])
-                self.summary.reclaimed += len(taken.items)
-                logger.info(
-                    "took over expired lease %s (%s events, take-over #%s)",
-                    batch_id,
-                    len(taken.items),
-                    taken.reclaims,
-                )
-                if taken.reclaims > MAX_RECLAIMS:
-                    await self._split(taken)
-                else:
-                    await self.process([taken])
-            more = await expired_leases(self.redis, self.keys, self.settings.analytics_visibility_timeout)
-            leases = [lease for lease in more if lease[0] not in seen]
-
-    async def _split(self, taken: Claim) -> None:
-        if len(taken.items) <= 1:
-            reason = (
-                f"poison: drains working on this event died or timed out {taken.reclaims} times; "
-                "set aside so the queue can move on"
-            )
-            dead = [
-                dead_letter_entry(raw, reason, stage="reclaim", reclaims=taken.reclaims)
-                for raw in taken.items
-            ]
-            await self.ack([taken], dead, InsertResult(0, 0))
-            return
-        parts = [(uuid.uuid4().hex, [raw]) for raw in taken.items]
-        self.keeper.drop([taken])
-        if not await split_lease(self.redis, self.keys, taken, parts):
-            logger.warning(
-                "lease %s was taken over by another drain before it could be split", taken.batch_id
-            )
-            return
-        logger.warning(
-            "lease %s was taken over %s times: trying its %s events one lease at a time",
-            taken.batch_id,
-            taken.reclaims,
-            len(parts),
-        )
-        pieces = [Claim(new_id, list(items), 0, taken.token) for new_id, items in parts]
-        self.keeper.hold(pieces)
-        for piece in pieces:
-            if _shutdown.stop_requested() or self.out_of_time():
-                # The untried pieces go back as ordinary leases (not counted as deaths).
-                self.summary.stopped = _shutdown.stop_requested()
-                await self.release([p for p in pieces if p.batch_id in self.keeper.held])
-                return
-            # Marked before it is tried: if this one kills the drain, its next take-over exceeds the
-            # limit and it alone is dead-lettered; the untried ones come back as ordinary leases.
-            if await mark_reclaims(self.redis, self.keys, piece, MAX_RECLAIMS):
-                await self.process([piece._replace(reclaims=MAX_RECLAIMS)])
-
-    # -- fresh claims ---------------------------------------------------------------------------
-
-    async def claim_fresh(self) -> None:
-        """Claim, decode, insert, ack until the queue is empty or the budget is spent.
-
-        Pipelined by one group: while group k is in PostgreSQL (its COPY and COMMIT run in the
-        server's process), group k+1 is claimed and decoded here, so decoding and the database work
-        overlap instead of adding up. At most two groups are in flight at any time.
-        """
-        pending: asyncio.Task[None] | None = None
+async def _work(
+    settings: Settings,
+    redis: aioredis.Redis,
+    shards: list[QueueKeys],
+    deadline: float,
+    progress: Callable[[DrainSummary], None] | None,
+    started: list[DrainSummary],
+) -> DrainSummary:
+    """Reclaim on every shard, then claim from every shard that has events; PostgreSQL is connected
+    only when there is work (an idle beat tick costs a few Redis commands per shard)."""
+    for keys in shards:
+        await settle_unfinished(redis, keys)
+    timeout = settings.analytics_visibility_timeout
+    # Concurrently: on a cluster the shards' nodes answer in parallel (an idle tick stays cheap).
+    found_by_shard = await asyncio.gather(*(expired_leases(redis, keys, timeout) for keys in shards))
+    leases = list(zip(shards, found_by_shard, strict=True))
+    depths = await queue_depths(redis, shards)
+    if not any(found for _, found in leases) and not any(depths):
+        return DrainSummary()
+    conn: asyncpg.Connection[Any] = await connect(settings)
+    worker = ShardDrain(settings, redis, conn, deadline, progress)
+    started.append(worker.summary)  # what the caller logs if this raises
+    try:
+        worker.keeper.start()
         try:
-            while True:
-                if _shutdown.stop_requested():
-                    self.summary.stopped = True
-                    break
-                claims, exhausted = await claim_group(self)
-                if claims:
-                    _failpoints.hit("after_claim")
-                    decoded = await self.decode_yielding(claims)
-                    if pending is not None:
-                        try:
-                            await pending
-                        except BaseException:
-                            # This group was never tried: release it for the next drain at once
-                            # rather than after the visibility timeout.
-                            await self.release(claims)
-                            raise
-                    if _shutdown.stop_requested():  # the worker is stopping: keep nothing claimed ahead
-                        await self.release(claims)
-                        self.summary.stopped = True
-                        break
-                    pending = asyncio.create_task(self.store(claims, decoded, fresh=True))
-                if exhausted:
-                    break
-                if self.out_of_time():
-                    self.summary.budget_spent = True
-                    break
-            if pending is not None:
-                await pending
+            summary = worker.summary
+            for keys, found in leases:
+                if found and not (summary.budget_spent or summary.stopped):
+                    await worker.reclaim(keys, found)
+            for keys, depth in zip(shards, depths, strict=True):
+                if depth and not (summary.budget_spent or summary.stopped):
+                    await worker.claim_fresh(keys)
         finally:
-            if pending is not None and not pending.done():
-                # Claiming failed while a group was in the database: let that group commit and ack.
-                with contextlib.suppress(BaseException):
-                    await pending
+            await worker.keeper.stop()
+    finally:
+        await close(conn)
+    return worker.summary
+
+
+async def _record(redis: aioredis.Redis, keys: QueueKeys, summary: DrainSummary) -> None:
+    """``last_flush_at`` (Redis's clock, the one `status` compares with) and ``last_summary``."""
+    line = msgspec.json.encode(summary.as_dict())
+    try:
+        seconds, micros = await redis_time(redis, keys.stats)
+        finished = seconds + micros / 1e6
+        await redis.hset(keys.stats, mapping={"last_flush_at": finished, "last_summary": line})
+    except ResponseError as exc:  # OOM at maxmemory: the work is done, only `status` misses it
+        logger.warning("could not record the drain summary in %s: %s", keys.stats, exc)
 
 
 async def drain(
@@ -204,8 +125,9 @@ async def drain(
     time_budget: float | None = None,
     progress: Callable[[DrainSummary], None] | None = None,
 ) -> DrainSummary:
-    """Drain the queue of ``settings`` into PostgreSQL until it is empty or ``time_budget`` seconds
-    (default ``analytics_drain_time_budget``) are spent; ``progress`` is called after every ack.
+    """Drain the queue of ``settings`` (every shard) into PostgreSQL until it is empty or
+    ``time_budget`` seconds (default ``analytics_drain_time_budget``) are spent; ``progress`` is
+    called after every ack.
 
     The budget is checked between transactions: with no expired lease, even a budget of 0 moves one
     transaction's worth (``analytics_insert_batch_size`` rows) before stopping; take-overs of expired
@@ -214,51 +136,30 @@ async def drain(
     claimed batches were left in flight (see :func:`bridge._errors.is_connection_error`)."""
     started = time.monotonic()
     budget = settings.analytics_drain_time_budget if time_budget is None else time_budget
-    keys = QueueKeys(settings.analytics_key_prefix)
-    redis = redis_client(settings)
-    conn: asyncpg.Connection[Any] | None = None
-    worker: _Drain | None = None
+    base = base_keys(settings)
+    # The cluster client answers the commands the drain uses like the plain one (see _topology).
+    redis = cast("aioredis.Redis", queue_client(settings))
+    work: list[DrainSummary] = []
     try:
-        await settle_unfinished(redis, keys)
-        leases = await expired_leases(redis, keys, settings.analytics_visibility_timeout)
-        if leases or await redis.llen(keys.queue):
-            # Connect only when there is work: an idle beat tick costs two Redis commands.
-            conn = await connect(settings)
-            worker = _Drain(settings, redis, conn, started + budget, progress)
-            worker.keeper.start()
-            try:
-                await worker.reclaim(leases)
-                if not (worker.summary.budget_spent or worker.summary.stopped):
-                    await worker.claim_fresh()
-            finally:
-                await worker.keeper.stop()
-        summary = worker.summary if worker is not None else DrainSummary()
-        summary.backlog = int(await redis.llen(keys.queue))
+        shards = drain_order(await known_shards(redis, settings))
+        summary = await _work(settings, redis, shards, started + budget, progress, work)
+        summary.backlog = sum(await queue_depths(redis, shards))
         summary.seconds = time.monotonic() - started
-        line = msgspec.json.encode(summary.as_dict())
-        try:
-            seconds, micros = await redis.time()  # Redis's clock, the one `status` compares with
-            finished = int(seconds) + int(micros) / 1e6
-            await redis.hset(keys.stats, mapping={"last_flush_at": finished, "last_summary": line})
-        except ResponseError as exc:  # OOM at maxmemory: the work is done, only `status` misses it
-            logger.warning("could not record the drain summary in %s: %s", keys.stats, exc)
+        await _record(redis, base, summary)
     except BaseException as exc:
-        done = worker.summary.as_dict() if worker is not None else "nothing claimed"
-        logger.warning("drain of %s stopped by %r; done so far: %s", keys.queue, exc, done)
+        done = work[0].as_dict() if work else "nothing claimed"
+        logger.warning("drain of %s stopped by %r; done so far: %s", base.queue, exc, done)
         raise
     finally:
-        try:
-            if conn is not None:
-                await close(conn)
-        finally:  # even when a cancellation interrupts the PostgreSQL goodbye
-            await redis.aclose()
+        await redis.aclose()
     # An idle beat tick is not news: INFO only when the drain moved something.
     level = logging.INFO if summary.claimed or summary.reclaimed else logging.DEBUG
     logger.log(
         level,
-        "drained %s: claimed=%s inserted=%s duplicates=%s dead_lettered=%s reclaimed=%s batches=%s "
-        "backlog=%s in %.3fs",
-        keys.queue,
+        "drained %s (%s shard(s)): claimed=%s inserted=%s duplicates=%s dead_lettered=%s reclaimed=%s "
+        "batches=%s backlog=%s in %.3fs",
+        base.queue,
+        len(shards),
         summary.claimed,
         summary.inserted,
         summary.duplicates,

@@ -48,8 +48,13 @@ def redis_available() -> str:
 
 
 def _delete_prefix(url: str, prefix: str) -> None:
+    # the prefix's own keys, and its shards' (each under the hash tag {<prefix>:<i>...}, see _shards)
     with redis.Redis.from_url(url) as sync:
-        keys = list(sync.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = [
+            key
+            for pattern in (f"{prefix}:*", f"{{{prefix}:*")
+            for key in sync.scan_iter(match=pattern, count=1000)
+        ]
         if keys:
             sync.delete(*keys)
 

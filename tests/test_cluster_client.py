@@ -64,7 +64,8 @@ def test_the_no_retry_policy_wins_over_the_url() -> None:
     )
     client = cluster_client(settings, startup_nodes=[("127.0.0.1", 7001), ("127.0.0.1", 7000)])
     assert client.retry.get_retries() == 0
-    assert [node.name for node in client.startup_nodes] == ["127.0.0.1:7000", "127.0.0.1:7001"]
+    # the order tried: the URL's node first (nodes_manager: the same on every redis-py we support)
+    assert list(client.nodes_manager.startup_nodes) == ["127.0.0.1:7000", "127.0.0.1:7001"]
     kwargs = client.get_connection_kwargs()
     assert kwargs["socket_timeout"] == 1.5
     assert kwargs["socket_connect_timeout"] == 1.5

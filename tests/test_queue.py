@@ -16,7 +16,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
 from servers import RedisServer, start_redis
 
+from analytics_sdk import _lua
 from analytics_sdk._queue import (
+    MULTI_FROM_BYTES,
+    PUSH_GUARD_TTL_MS,
     Claim,
     QueueKeys,
     ack,
@@ -128,6 +131,63 @@ async def test_push_at_the_cap_counts_its_drops_inside_the_script(
     assert await own_redis.get(keys.dropped) == b"2"
 
 
+def large(start: int, stop: int) -> list[bytes]:
+    """Payloads of a quarter of MULTI_FROM_BYTES each: four or more make a push a MULTI."""
+    return [f"e{n}".encode().ljust(MULTI_FROM_BYTES // 4, b".") for n in range(start, stop)]
+
+
+async def test_a_large_push_is_one_multi_with_the_payloads_outside_lua(own_redis: aioredis.Redis) -> None:
+    """From MULTI_FROM_BYTES on: the RPUSH of the payloads and one short script (guard, trim, count) in
+    one MULTI. The payloads never become a script's ARGV (Lua takes them in at ~1 ns per byte)."""
+    keys = QueueKeys("p")
+    await own_redis.config_resetstat()
+    result = await push(own_redis, keys, large(0, 4), cap=100)
+    counts = await command_counts(own_redis)
+    assert result == (4, 0, False)
+    assert counts.pop("config|resetstat") == 1
+    assert counts == {"multi": 1, "rpush": 1, "eval": 1, "get": 1, "llen": 1, "ltrim": 1, "set": 1, "exec": 1}
+    assert await own_redis.lrange(keys.queue, 0, -1) == large(0, 4)
+
+
+async def test_a_large_push_at_the_cap_counts_its_drops_inside_the_transaction(
+    server: RedisServer, own_redis: aioredis.Redis
+) -> None:
+    """The trim and the dropped counter are written by the script that runs in the same MULTI as the
+    RPUSH, right after it: MONITOR shows the client's MULTI, RPUSH and EVAL, then Lua's commands."""
+    keys = QueueKeys("p")
+    await push(own_redis, keys, large(0, 8), cap=100)
+    seen: list[tuple[str, str]] = []  # (who, command) for everything the server ran
+    watcher = aioredis.Redis.from_url(server.url)
+    async with watcher, watcher.monitor() as monitor:
+        result = await push(own_redis, keys, large(8, 12), cap=10)
+        while ("lua", "SET") not in seen:  # the guard's SET is the script's last command
+            entry = await asyncio.wait_for(monitor.next_command(), 5)
+            who = "lua" if entry["client_type"] == "lua" else "client"
+            seen.append((who, entry["command"].split()[0].upper()))
+    assert result == (12, 2, False)
+    assert [command for who, command in seen if who == "client"] == ["MULTI", "RPUSH", "EVAL"]
+    assert [command for who, command in seen if who == "lua"] == ["GET", "LLEN", "LTRIM", "INCRBY", "SET"]
+    assert await own_redis.get(keys.dropped) == b"2"
+    assert await own_redis.lrange(keys.queue, 0, -1) == large(2, 12)
+
+
+async def test_a_retried_large_push_takes_back_its_own_rpush_only(
+    redis_client: aioredis.Redis, keys: QueueKeys
+) -> None:
+    """A retry of a push that ran appends its payloads in the MULTI and the script takes back exactly
+    those: what others pushed in between stays, in order. A push that ran as the one script (a small
+    push, a cluster, the sync client's direct lane) is recognised by the same guard."""
+    assert await push(redis_client, keys, large(0, 4), cap=100, token="t") == (4, 0, False)
+    await push(redis_client, keys, payloads(4, 6), cap=100)  # another producer's, after it
+    assert await push(redis_client, keys, large(0, 4), cap=100, token="t") == (4, 0, True)
+    guard = keys.push_guard("by-script")
+    args = [100, PUSH_GUARD_TTL_MS, *large(6, 10)]
+    assert await _lua.PUSH(redis_client, [keys.queue, keys.dropped, guard], args) == [10, 0, 0]
+    assert await push(redis_client, keys, large(6, 10), cap=100, token="by-script") == (10, 0, True)
+    assert await redis_client.lrange(keys.queue, 0, -1) == large(0, 4) + payloads(4, 6) + large(6, 10)
+    assert await redis_client.get(keys.dropped) is None
+
+
 async def test_cap_drops_exactly_the_oldest_and_counts_them(
     redis_client: aioredis.Redis, keys: QueueKeys
 ) -> None:
@@ -205,7 +265,7 @@ async def test_claim_moves_items_to_inflight_and_leases(
     before = await redis_now_ms(redis_client)
     got = await claim(redis_client, keys, 4, "batch-a", token="owner-a")
     after = await redis_now_ms(redis_client)
-    assert got == Claim("batch-a", payloads(0, 4), 0, "owner-a"), "the oldest first"
+    assert got == Claim("batch-a", payloads(0, 4), 0, "owner-a", keys), "the oldest first"
     assert await redis_client.lrange(keys.inflight("batch-a"), 0, -1) == payloads(0, 4)
     assert await redis_client.lrange(keys.queue, 0, -1) == payloads(4, 10)
     score = await redis_client.zscore(keys.leases, "batch-a")

@@ -156,7 +156,7 @@ async def test_claim_run_twice_returns_the_same_items_and_pops_nothing(
     assert await redis_client.lrange(keys.queue, 0, -1) == payloads(4, 10)
     # A claim of the same id by another token (a collision, or a taken-over batch) takes nothing.
     other = await claim(redis_client, keys, 4, "c", token="t1")
-    assert await claim(redis_client, keys, 4, "c", token="t2") == Claim("c", [], 0, "t2")
+    assert await claim(redis_client, keys, 4, "c", token="t2") == Claim("c", [], 0, "t2", keys)
     assert await redis_client.lrange(keys.inflight("c"), 0, -1) == other.items
     assert await redis_client.llen(keys.queue) == 2
 

@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import UTC, datetime
-from typing import Any
 
 import click
 import msgspec
 
 from analytics_sdk._exceptions import ConfigurationError
-from analytics_sdk._queue import QueueKeys
 from analytics_sdk._settings import Settings
 
-from . import _dead as _cli_dead
 from . import _handler as _cli_errors
 from . import _migrate as _cli_migrate
 from . import _status as _cli_status
 from ._check import stuck_reasons
+from ._dead_commands import dead_letters
 from ._partitions import partitions
 from ._wire_schema import wire_schema
 
@@ -137,123 +134,7 @@ def flush(ctx: click.Context, time_budget: float | None, as_json: bool) -> None:
         )
 
 
-@main.group("dead-letters")
-def dead_letters() -> None:
-    """Events the drain could not insert: list, replay or purge them."""
-
-
-@dead_letters.command("list")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--width", type=click.IntRange(min=20), default=100, show_default=True, help="Payload shown.")
-@click.option("--json", "as_json", is_flag=True, help="Full entries as JSON.")
-@click.pass_context
-def dead_list(ctx: click.Context, limit: int, offset: int, width: int, as_json: bool) -> None:
-    """Show dead letters, oldest first: when, why, and the payload (shortened)."""
-    settings = _settings(ctx)
-    keys = QueueKeys(settings.analytics_key_prefix)
-
-    async def fetch() -> tuple[int, list[dict[str, Any]]]:
-        client = _cli_status.redis_client(settings)
-        try:
-            return await _cli_dead.list_dead(client, keys, offset, limit)
-        finally:
-            await client.aclose()
-
-    total, entries = _run(fetch(), settings)
-    if as_json:
-        _echo_json({"total": total, "offset": offset, "entries": entries})
-        return
-    click.echo(f"{total} dead letter(s) in {keys.dead}")
-    for index, entry in enumerate(entries, start=offset):
-        failed_at = entry.get("failed_at")
-        when = (
-            datetime.fromtimestamp(failed_at, UTC).isoformat(timespec="seconds")
-            if isinstance(failed_at, int | float)
-            else "?"
-        )
-        extra = {k: v for k, v in entry.items() if k not in ("payload", "error", "failed_at")}
-        click.echo(f"#{index} {when} {entry.get('error', '?')}" + (f" {extra}" if extra else ""))
-        click.echo(f"    {_cli_dead.shorten(str(entry.get('payload', '')), width)}")
-
-
-@dead_letters.command("replay")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Examine at most this many.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.pass_context
-def dead_replay(ctx: click.Context, limit: int | None, as_json: bool) -> None:
-    """Re-validate each dead letter; re-queue what passes now, keep what does not.
-
-    Crash-safe: an entry leaves the dead list only after its event is back in the queue (see
-    bridge/cli/_dead.py). Fix the cause first (e.g. raise ANALYTICS_MAX_METADATA_BYTES); events that
-    PostgreSQL itself refused are re-queued and, if still refused, dead-lettered again by the drain.
-    """
-    settings = _settings(ctx)
-
-    async def replay() -> _cli_dead.ReplayResult:
-        client = _cli_status.redis_client(settings)
-        try:
-            total = int(await client.llen(QueueKeys(settings.analytics_key_prefix).dead))
-            total = min(total, limit) if limit is not None else total
-            with click.progressbar(
-                length=total, label="Replaying", file=sys.stderr, hidden=as_json or total == 0
-            ) as bar:
-
-                def step(result: _cli_dead.ReplayResult) -> None:
-                    bar.update(result.examined - bar.pos)
-
-                return await _cli_dead.replay_dead(client, settings, limit=total, progress=step)
-        finally:
-            await client.aclose()
-
-    result = _run(replay(), settings)
-    if as_json:
-        _echo_json(result.as_dict())
-        return
-    click.echo(f"examined {result.examined}, re-queued {result.requeued}, kept {result.kept}")
-    for reason, count in sorted(result.reasons.items(), key=lambda item: -item[1]):
-        click.echo(f"  kept {count}: {reason}")
-
-
-@dead_letters.command("purge")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_context
-def dead_purge(ctx: click.Context, yes: bool) -> None:
-    """Delete the dead letters present now (asks first unless --yes).
-
-    Exactly the entries read before the prompt are deleted, by identity: dead letters that arrive,
-    or that a concurrent replay moves, while the prompt is open are never touched.
-    """
-    settings = _settings(ctx)
-    keys = QueueKeys(settings.analytics_key_prefix)
-
-    async def snapshot() -> list[bytes]:
-        client = _cli_status.redis_client(settings)
-        try:
-            return await _cli_dead.snapshot_dead(client, keys)
-        finally:
-            await client.aclose()
-
-    async def purge(confirmed: list[bytes]) -> int:
-        client = _cli_status.redis_client(settings)
-        try:
-            return await _cli_dead.purge_dead(client, keys, confirmed)
-        finally:
-            await client.aclose()
-
-    confirmed = _run(snapshot(), settings)
-    if not confirmed:
-        click.echo("no dead letters")
-        return
-    n = len(confirmed)
-    if not yes:
-        click.confirm(f"Delete {n} dead letter(s) from {keys.dead}? They cannot be recovered", abort=True)
-    removed = _run(purge(confirmed), settings)
-    gone = n - removed
-    click.echo(
-        f"purged {removed} dead letter(s)"
-        + (f" ({gone} of those confirmed had been re-queued by a replay meanwhile)" if gone else "")
-    )
+main.add_command(dead_letters)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -103,10 +103,15 @@ async def replay_dead(
     *,
     limit: int | None = None,
     progress: Callable[[ReplayResult], None] | None = None,
+    keys: QueueKeys | None = None,
+    result: ReplayResult | None = None,
 ) -> ReplayResult:
-    """Re-queue every dead letter (up to ``limit``) whose payload passes validation now; keep the rest."""
-    keys = QueueKeys(settings.analytics_key_prefix)
-    result = ReplayResult()
+    """Re-queue every dead letter (up to ``limit``) of the shard ``keys`` (default: the base prefix's)
+    whose payload passes validation now, into that shard's queue; keep the rest. ``result`` carries
+    the counts on from an earlier shard."""
+    keys = keys or QueueKeys(settings.analytics_key_prefix)
+    result = result or ReplayResult()
+    examined_before = result.examined
     total = int(await client.llen(keys.dead))
     for _ in range(min(total, limit) if limit is not None else total):
         raw = await client.lmove(keys.dead, keys.dead, "LEFT", "RIGHT")
@@ -128,9 +133,8 @@ async def replay_dead(
             result.requeued += 1
         if progress is not None:
             progress(result)
-    if result.kept:
-        logger.warning("replay kept %s dead letter(s) that still fail: %s", result.kept, result.reasons)
-    logger.info("replay examined %s dead letter(s), re-queued %s", result.examined, result.requeued)
+    if result.examined > examined_before:
+        logger.info("replay of %s: %s dead letter(s) examined so far", keys.dead, result.examined)
     return result
 
 

@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 import click
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._settings import Settings, redact_url
 
 from .._errors import (
@@ -81,7 +83,11 @@ def run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
         raise _unreachable(
             "Redis", settings.redis_dsn, exc, START_REDIS, 6379, "ANALYTICS_REDIS_URL (or _HOST/_PORT/_DB)"
         ) from exc
-    except RedisTooOld as exc:
+    except RedisClusterException as exc:  # no node of the cluster answered (not a RedisError)
+        raise _unreachable(
+            "Redis Cluster", settings.redis_dsn, exc, START_REDIS, 6379, "ANALYTICS_REDIS_CLUSTER_NODES"
+        ) from exc
+    except (RedisTooOld, ConfigurationError) as exc:
         raise Misconfigured(str(exc)) from exc
     except NotMigrated as exc:
         raise Misconfigured(f"PostgreSQL at {redact_url(settings.database_url)}: {exc}") from exc

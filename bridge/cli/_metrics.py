@@ -7,7 +7,7 @@ on the HTTP server's request thread, with clients made and closed inside it: no 
 its loop. Each backend is read under its own timeout, so a dead PostgreSQL costs one timeout, not the
 scrape, and leaves the queue figures visible (and the other way round).
 
-Exported (no labels except ``backend``):
+Exported (totals over the queue's shards; no labels except ``backend`` and ``shard``):
 
 - ``analytics_queue_length``: events waiting in the queue (not counting claimed batches).
 - ``analytics_queue_latency_seconds``: Redis's clock now minus the ``created_at`` of the event at the
@@ -15,6 +15,8 @@ Exported (no labels except ``backend``):
   queued-at time, so this is the age the *producer* gave the event: for live traffic it is how long
   the oldest event has waited (plus the producer's clock skew); a backfill of old events reads as old
   until drained. Absent when the head item is not a readable event.
+- ``analytics_shard_queue_length{shard=...}``: each shard's queue length, only when there are
+  several shards (``ANALYTICS_QUEUE_SHARDS`` > 1, or several shard counts recorded).
 - ``analytics_inflight_batches``: leases held (batches claimed by a drain, not yet committed).
 - ``analytics_dead_letters``: entries in the dead-letter list now (a purge lowers it).
 - ``analytics_dropped_events_total``, ``analytics_inserted_events_total``,
@@ -40,7 +42,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from analytics_sdk._settings import Settings, redact_url
 
@@ -54,7 +56,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 9808
 # Failures that say a backend is down or refusing (TimeoutError is an OSError); anything else is a bug
 # here, logged with its traceback, and still only zeroes the gauge: the scrape goes on.
-_EXPECTED = (OSError, RedisError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_EXPECTED = (OSError, RedisError, RedisClusterException, asyncpg.PostgresError, asyncpg.InterfaceError)
+_REDIS_ERRORS = (OSError, RedisError, RedisClusterException)
 DEFAULT_TIMEOUT = 10.0  # seconds per backend per scrape; Prometheus's default scrape_timeout is 10 s
 
 
@@ -107,7 +110,7 @@ class QueueCollector:
             return
         if backend == "redis":
             where = redact_url(self.settings.redis_dsn)
-            advice = _redis_error(error, self.settings)[1] if isinstance(error, RedisError | OSError) else ""
+            advice = _redis_error(error, self.settings)[1] if isinstance(error, _REDIS_ERRORS) else ""
         else:
             where = redact_url(self.settings.database_url)
             advice = _database_error(error)[1]
@@ -166,6 +169,14 @@ def _queue_metrics(figures: dict[str, Any]) -> Iterator[Metric]:
         "Events the drains found already in the table (redeliveries, repeated event_ids).",
         value=totals["duplicates"],
     )
+    shards = figures.get("shards") or []
+    if len(shards) > 1:  # K > 1 or several K recorded: the queue length of each shard too
+        per_shard = GaugeMetricFamily(
+            "analytics_shard_queue_length", "Events waiting in one shard's queue.", labels=["shard"]
+        )
+        for shard in shards:
+            per_shard.add_metric([shard["shard"]], shard["depth"])
+        yield per_shard
     last = figures["last_flush"]
     yield _gauge(
         "analytics_last_flush_timestamp_seconds",

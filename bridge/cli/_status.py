@@ -1,7 +1,9 @@
 """`analytics-bridge status`: read every figure an operator needs (judged and rendered in
 :mod:`._status_report`).
 
-Read-only: it never changes a key. Redis and PostgreSQL are asked separately, so a dead database
+Read-only: it never changes a key. Every shard the drains visit is read (:mod:`._shard_figures`):
+the figures `status` always had are totals over the shards, ``shards`` has one entry per shard.
+Redis and PostgreSQL are asked separately, so a dead database
 still leaves the queue figures visible (and the other way round). Every age is measured against
 Redis's clock (``TIME``), the clock the lease scripts use, not this host's.
 """
@@ -15,14 +17,20 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from analytics_sdk._queue import QueueKeys
 from analytics_sdk._redis import redis_client
 from analytics_sdk._settings import Settings, redact_url
 
+from ._shard_figures import ShardRead, counters, merged_batches, read_shards
 from ._status_report import render_status, warnings_for
 
 __all__ = [
@@ -42,7 +50,6 @@ START_REDIS = (
 )
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
-_SHOWN_BATCHES = 20  # in-flight batches listed one by one (the oldest first); all are counted
 _COUNT_TIMEOUT = 5.0  # seconds for count(*) before falling back to the planner's estimate
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -58,7 +65,7 @@ def redis_start_hint(settings: Settings) -> str:
     return f"check that {host}:{port} is up and reachable from here, or point ANALYTICS_REDIS_URL elsewhere"
 
 
-def _redis_error(exc: RedisError | OSError, settings: Settings) -> tuple[str, str]:
+def _redis_error(exc: RedisError | OSError | RedisClusterException, settings: Settings) -> tuple[str, str]:
     """(kind, advice) for a Redis failure; the message itself is reported beside it."""
     if isinstance(exc, AuthenticationError):
         return "auth", "check the user and password in ANALYTICS_REDIS_URL (or ANALYTICS_REDIS_PASSWORD)"
@@ -66,7 +73,7 @@ def _redis_error(exc: RedisError | OSError, settings: Settings) -> tuple[str, st
         return "refused", (
             "the Redis user lacks a command or key status reads: see the ACL lines in docs/operations.md"
         )
-    if isinstance(exc, OSError | RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, OSError | RedisConnectionError | RedisTimeoutError | RedisClusterException):
         return "unreachable", redis_start_hint(settings)
     return "refused", "see the Redis server's log"
 
@@ -84,10 +91,6 @@ def _database_error(exc: BaseException) -> tuple[str, str]:
     return "unreachable", f"start it: {START_POSTGRES}, or point ANALYTICS_DATABASE_URL elsewhere"
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _created_age(head: bytes | None, now: float) -> tuple[float | None, str | None]:
     """Seconds since the head item's ``created_at`` (client-supplied: a backfill is old by design, so
     this is no measure of waiting), or (None, why not)."""
@@ -103,95 +106,69 @@ def _created_age(head: bytes | None, now: float) -> tuple[float | None, str | No
     return max(0.0, now - created.timestamp()), None
 
 
-def _lease_age(score: float, now: float) -> float | None:
-    """Seconds since a lease was last claimed, taken over or renewed; None for a lease its drain
-    released (score 0: due for the next drain at once). A score ahead of Redis's clock (a lease scored
-    by a host clock running fast) counts as fresh, not as a negative age."""
-    if score <= 0:
-        return None
-    return round(max(0.0, now - score / 1000), 3)
+def _shard_line(read: ShardRead) -> dict[str, Any]:
+    """One shard's figures for ``status``'s ``shards`` list."""
+    age, _ = _created_age(read["head"], read["now"])
+    aged = [b["age_seconds"] for b in read["batches"] if b["age_seconds"] is not None]
+    return {
+        "shard": read["keys"].prefix,
+        "queue": read["keys"].queue,
+        "depth": read["depth"],
+        "oldest_age_seconds": None if age is None else round(age, 3),
+        "in_flight": read["lease_count"],
+        "in_flight_oldest_age_seconds": max(aged) if aged else None,
+        "dead_letters": read["dead"],
+        "dropped": read["dropped"],
+    }
 
 
 async def _redis_figures(settings: Settings) -> dict[str, Any]:
-    keys = QueueKeys(settings.analytics_key_prefix)
-    client = redis_client(settings)
-    try:
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.llen(keys.queue)
-            pipe.lindex(keys.queue, 0)
-            pipe.zcard(keys.leases)
-            pipe.zrange(keys.leases, 0, _SHOWN_BATCHES - 1, withscores=True)
-            pipe.zrange(
-                keys.leases, -1, -1, withscores=True
-            )  # the highest score: ZRANGE, not ZREVRANGE (ACL)
-            pipe.llen(keys.dead)
-            pipe.get(keys.dropped)
-            pipe.hgetall(keys.stats)
-            (
-                (seconds, micros),
-                depth,
-                head,
-                lease_count,
-                leases,
-                newest,
-                dead,
-                dropped,
-                stats,
-            ) = await pipe.execute()
-        now = int(seconds) + int(micros) / 1e6
-        batches = []
-        if leases:
-            async with client.pipeline(transaction=False) as pipe:
-                for member, _ in leases:
-                    pipe.llen(keys.inflight(_text(member) or ""))
-                    pipe.hget(keys.reclaims, member)
-                counts = await pipe.execute()
-            for i, (member, score) in enumerate(leases):
-                batches.append(
-                    {
-                        "batch_id": _text(member),
-                        "age_seconds": _lease_age(float(score), now),
-                        "released": float(score) <= 0,
-                        "events": int(counts[2 * i]),
-                        "reclaims": int(counts[2 * i + 1] or 0),
-                    }
-                )
-    finally:
-        await client.aclose()
-    age, age_error = _created_age(head, now)
-    stats = {_text(k): _text(v) for k, v in stats.items()}
-    last_at = float(stats["last_flush_at"]) if stats.get("last_flush_at") else None
-    summary = msgspec.json.decode(stats["last_summary"]) if stats.get("last_summary") else None
-    aged = [b["age_seconds"] for b in batches if b["age_seconds"] is not None]
+    reads, base_stats = await read_shards(settings)
+    now = max(read["now"] for read in reads)
+    shards = [_shard_line(read) for read in reads]
+    ages = [(line["oldest_age_seconds"], read) for line, read in zip(shards, reads, strict=True)]
+    known = [age for age, _ in ages if age is not None]
+    # A head item that is no readable event: its age is unknown (reported once, whichever shard).
+    age_error = next(
+        (_created_age(read["head"], read["now"])[1] for age, read in ages if age is None and read["head"]),
+        None,
+    )
+    batches = merged_batches(reads)
+    aged = [line["in_flight_oldest_age_seconds"] for line in shards]
+    newest = [read["newest_age"] for read in reads if read["newest_age"] is not None]
+    flushed = base_stats.get("last_flush_at")
+    last_at = float(flushed) if flushed else None
+    summary = base_stats.get("last_summary")
     return {
         "redis_time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "queue": {
-            "depth": int(depth),
+            "depth": sum(read["depth"] for read in reads),
             "cap": settings.analytics_max_queue_size,
             # From the head event's created_at; the "is a worker running?" warning never uses it.
-            "oldest_age_seconds": None if age is None else round(age, 3),
+            "oldest_age_seconds": max(known) if known else None,
             **({"oldest_error": age_error} if age_error else {}),
         },
         "in_flight": {
-            "batches": int(lease_count),
-            "oldest_age_seconds": max(aged) if aged else None,
+            "batches": sum(read["lease_count"] for read in reads),
+            "oldest_age_seconds": max((a for a in aged if a is not None), default=None),
             # The most recently claimed or renewed lease: a fresh one means a drain is at work.
-            "newest_age_seconds": _lease_age(float(newest[0][1]), now) if newest else None,
+            "newest_age_seconds": min(newest) if newest else None,
             "visibility_timeout": settings.analytics_visibility_timeout,
             "shown": batches,
         },
-        "dead_letters": int(dead),
-        "dropped": int(dropped or 0),
-        "totals": {name: int(stats.get(name) or 0) for name in ("claimed", "inserted", "duplicates", "dead")},
+        "dead_letters": sum(read["dead"] for read in reads),
+        "dropped": sum(read["dropped"] for read in reads),
+        "totals": counters(reads),
         "last_flush": None
         if last_at is None
         else {
             "at": datetime.fromtimestamp(last_at, UTC).isoformat(timespec="seconds"),
             # the drain writes last_flush_at from Redis's TIME, the same clock as ``now``
             "age_seconds": round(max(0.0, now - last_at), 3),
-            "summary": summary,
+            "summary": msgspec.json.decode(summary) if summary else None,
         },
+        # Per shard (one entry with K = 1): every shard of every K recorded, as the drains visit them.
+        "shards": shards,
     }
 
 
@@ -227,7 +204,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         _redis_figures(settings), _row_count(settings.database_url), return_exceptions=True
     )
     if isinstance(redis_part, BaseException):
-        if not isinstance(redis_part, RedisError | OSError):
+        if not isinstance(redis_part, RedisError | OSError | RedisClusterException):
             raise redis_part
         kind, advice = _redis_error(redis_part, settings)
         result.update(redis_error=str(redis_part), redis_error_kind=kind, redis_advice=advice)

@@ -76,7 +76,9 @@ def warnings_for(status: dict[str, Any]) -> list[str]:
     stale = _stale_queue(status)
     if stale:
         out.append(stale)
-    if status["queue"]["depth"] >= 0.8 * status["queue"]["cap"]:
+    # The cap applies to each shard's queue (the push trims the shard it pushes to).
+    fullest = max((shard["depth"] for shard in status.get("shards") or ()), default=status["queue"]["depth"])
+    if fullest >= 0.8 * status["queue"]["cap"]:
         out.append("the queue is at 80% of its cap: events will be dropped; add workers")
     flight = status["in_flight"]
     shown = flight["shown"]
@@ -108,6 +110,24 @@ def _age(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}s"
 
 
+def _shard_lines(shards: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A line per shard, when there are several (K > 1, or several K recorded); none for one."""
+    if len(shards) <= 1:
+        return []
+    lines = [("shards", f"{len(shards)}  (figures above are totals)")]
+    width = max(len(shard["shard"]) for shard in shards)
+    for shard in shards:
+        lines.append(
+            (
+                "",
+                f"  {shard['shard']:<{width}}  depth {shard['depth']:,},"
+                f" oldest {_age(shard['oldest_age_seconds'])}, in flight {shard['in_flight']},"
+                f" dead {shard['dead_letters']:,}",
+            )
+        )
+    return lines
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The readable table of `status`."""
     lines = [("redis", f"{status['redis']}  (prefix {status['key_prefix']!r})")]
@@ -133,6 +153,7 @@ def render_status(status: dict[str, Any]) -> str:
                     f"  {batch['batch_id']}: {batch['events']} events, {age}, reclaimed {batch['reclaims']}x",
                 )
             )
+        lines += _shard_lines(status.get("shards") or [])
         totals = status["totals"]
         lines += [
             ("dead letters", f"{status['dead_letters']:,}"),
