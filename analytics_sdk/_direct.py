@@ -227,8 +227,11 @@ class DirectLane:
                 connection.socket_connect_timeout = connection.socket_timeout = bound
                 connection.connect()  # type: ignore[no-untyped-call]  # a no-op once connected
                 connection.send_command(command, script, *args, *payloads)  # type: ignore[no-untyped-call]
+                sock = getattr(connection, "_sock", None)
+                if sock is not None:  # the reply's bound, on every redis-py we support (6.1 has no
+                    sock.settimeout(bound)  # read_response(timeout=); it reads with the socket's own)
                 try:
-                    return connection.read_response(timeout=bound)
+                    return connection.read_response()
                 except NoScriptError:
                     continue
             raise AssertionError("unreachable")
