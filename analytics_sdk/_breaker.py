@@ -26,16 +26,16 @@ import asyncio
 import logging
 import random
 import time
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from ._exceptions import PublishError
 from ._keys import QueueKeys
 from ._queue import PushResult, new_token, push
+from ._redis import AnyRedis
 from ._settings import Settings
+from ._spread import NODE_DOWN, Shards, answers, replica_acks
 
 __all__ = ["PROBE_INTERVAL", "Breaker", "gave_up", "push_with_retry", "retry_delay"]
 
@@ -72,7 +72,7 @@ class Breaker:
         error.__cause__ = self._cause
         return error
 
-    def trip(self, client: aioredis.Redis, cause: BaseException | None) -> None:
+    def trip(self, client: AnyRedis, cause: BaseException | None) -> None:
         """On the loop, after a push or read gave up because Redis did not answer: open, start probing."""
         if self.is_open:
             return
@@ -86,14 +86,14 @@ class Breaker:
         )
         self._probe = asyncio.get_running_loop().create_task(self._run_probe(client))
 
-    async def _run_probe(self, client: aioredis.Redis) -> None:
+    async def _run_probe(self, client: AnyRedis) -> None:
         try:
             while True:
                 await asyncio.sleep(PROBE_INTERVAL)
-                try:
-                    async with asyncio.timeout(self._probe_timeout):
-                        await client.ping()
-                except (RedisError, OSError):  # TimeoutError is an OSError: the deadline above
+                try:  # on a cluster: any primary answering will do (pushes go to its shards)
+                    if not await answers(client, self._probe_timeout):
+                        continue
+                except (RedisError, OSError, RedisClusterException):  # TimeoutError: the deadline
                     continue
                 down_for = time.monotonic() - self._opened_at
                 self.is_open, self._cause = False, None
@@ -114,6 +114,11 @@ class Breaker:
     def forget(self) -> None:
         """After a fork or once the probe's loop is gone: its task is not ours to finish; start closed."""
         self.is_open, self._cause, self._probe = False, None, None
+
+
+def _any(client: AnyRedis) -> Any:
+    # _queue's functions are typed for the plain client; the push script runs alike on a cluster's
+    return client
 
 
 def retry_delay(attempt: int, retries: int, deadline: float, expired: bool) -> float | None:
@@ -141,35 +146,60 @@ def gave_up(exc: BaseException, events: int, attempts: int, expired: bool, limit
 
 
 async def push_with_retry(
-    client: aioredis.Redis,
-    keys: QueueKeys,
+    client: AnyRedis,
+    shards: Shards,
     batch: list[bytes],
     settings: Settings,
     breaker: Breaker,
     deadline: float,
-) -> PushResult:
-    """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed."""
+) -> tuple[PushResult, QueueKeys]:
+    """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed; a
+    retry goes to another shard's node (:mod:`._spread`). Returns the result and the shard that took
+    it, once ``ANALYTICS_REPLICA_ACKS`` replicas hold it (else :class:`PublishError`, not retried)."""
     retries = settings.analytics_publish_retries
     token = new_token()  # one per batch, kept across its retries: a retry of a push that ran is a no-op
-    for attempt in range(retries + 1):
-        bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
-        try:
-            async with bound:
-                return await push(client, keys, batch, settings.analytics_max_queue_size, token=token)
-        except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
-            raise PublishError(f"Redis refused the credentials: {exc}") from exc
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            # A push that timed out may have run: re-sent with the same token, it queues nothing twice
-            # if Redis ran the first within the guard's lifetime; a copy queued anyway (a retry by
-            # another route) becomes one row through the sink's ON CONFLICT (event_id).
-            delay = retry_delay(attempt, retries, deadline, bound.expired())
-            if delay is None:
-                breaker.trip(client, exc)
-                limit = settings.analytics_publish_timeout
-                raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
-            logger.warning("push of %s event(s) failed (%s); retrying in %.2fs", len(batch), exc, delay)
-            await asyncio.sleep(delay)
-        except RedisError as exc:
-            # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
-            raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
-    raise AssertionError("unreachable")
+    index = shards.take()
+    recording = None if shards.recorded else asyncio.ensure_future(shards.record(client))
+    try:
+        for attempt in range(retries + 1):
+            keys = shards.keys[index]
+            bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+            try:
+                async with bound:
+                    result = await push(
+                        _any(client), keys, batch, settings.analytics_max_queue_size, token=token
+                    )
+                break
+            except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
+                raise PublishError(f"Redis refused the credentials: {exc}") from exc
+            except NODE_DOWN as exc:
+                # A push that timed out may have run: re-sent with the same token to the same shard, it
+                # queues nothing twice if Redis ran the first within the guard's lifetime; a copy queued
+                # anyway (a retry on another shard) becomes one row through the sink's ON CONFLICT.
+                delay = retry_delay(attempt, retries, deadline, bound.expired())
+                if delay is None:
+                    breaker.trip(client, exc)
+                    limit = settings.analytics_publish_timeout
+                    raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
+                index = shards.after_failure(client, index)
+                logger.warning(
+                    "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",
+                    len(batch),
+                    Breaker.describe(exc),
+                    delay,
+                    shards.keys[index].prefix,
+                )
+                await asyncio.sleep(delay)
+            except RedisError as exc:
+                # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
+                raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
+        else:
+            raise AssertionError("unreachable")
+    except BaseException:
+        if recording is not None:  # the push failed: do not wait for the record on a node that may be down
+            recording.cancel()
+        raise
+    if recording is not None:  # it ran alongside the push: no round trip of its own
+        await asyncio.wait({recording})
+    await replica_acks(client, keys, len(batch), settings)
+    return result, keys
