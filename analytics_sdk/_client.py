@@ -67,7 +67,7 @@ class AnalyticsClient:
         self.settings = settings or Settings()
         self.keys = QueueKeys(self.settings.analytics_key_prefix)  # the base prefix's (not a shard's)
         # the shards this client pushes to, one per push, round-robin (_spread)
-        self.shards = Shards(producer_shards(self.settings), self.settings)
+        self._shards = Shards(producer_shards(self.settings), self.settings)
         self._redis = redis
         self._owns_redis = redis is None
         self._sender = TaskSender(self.settings)
@@ -82,8 +82,8 @@ class AnalyticsClient:
         )
         self._after_push = AfterPush(self.settings, trigger_keys(self.settings), self._sender, logger)
         self._background = self._after_push.background
-        self._batcher = GroupCommit(self.settings, self.shards, self._after_push, self._breaker)
-        self._sizes = SizeReader(self.shards.keys, self._breaker, self.settings.analytics_publish_timeout)
+        self._batcher = GroupCommit(self.settings, self._shards, self._after_push, self._breaker)
+        self._sizes = SizeReader(self._shards.keys, self._breaker, self.settings.analytics_publish_timeout)
         self._enabled = client_enabled(self.settings)
 
     @classmethod
@@ -261,7 +261,7 @@ class AnalyticsClient:
             self._breaker.forget()
             self._sizes.forget()
             self._after_push.forget()
-            self.shards.forget()
+            self._shards.forget()
         self._forks, self._thread = _forks[0], get_ident()
         if self._redis is None:
             # No hidden retry: ours (_breaker.push_with_retry) is the only one, its worst case known;

@@ -24,6 +24,7 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import redis.cluster
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import (
     AskError,
@@ -91,7 +92,7 @@ class Shards:
         when that cannot be told (a plain Redis, or a slot map being re-read)."""
         count = len(self.keys)
         following = [(failed + step) % count for step in range(1, count + 1)]
-        if isinstance(client, AsyncRedisCluster):
+        if isinstance(client, (AsyncRedisCluster, redis.cluster.RedisCluster)):  # async or sync
             down = _node_name(client, self.keys[failed])
             if down is not None:
                 for index in following:
@@ -123,7 +124,8 @@ class Shards:
         self.recorded = True
 
 
-def _node_name(client: AsyncRedisCluster, keys: QueueKeys) -> str | None:
+def _node_name(client: AsyncRedisCluster | redis.cluster.RedisCluster, keys: QueueKeys) -> str | None:
+    """The node the client's slot map puts ``keys``'s shard on, or None when it cannot tell."""
     try:
         node = client.get_node_from_key(keys.queue)
     except Exception:
