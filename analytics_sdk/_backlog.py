@@ -36,6 +36,7 @@ from ._queue import PushResult
 from ._redis import AnyRedis
 from ._sender import TaskSender
 from ._settings import Settings
+from ._spread import Shards
 
 __all__ = ["DROP_LOG_EVERY", "AfterPush"]
 
@@ -46,12 +47,19 @@ class AfterPush:
     """The group commit's after-push callback of one client, and the background tasks it starts."""
 
     def __init__(
-        self, settings: Settings, keys: QueueKeys, sender: TaskSender, logger: logging.Logger
+        self,
+        settings: Settings,
+        keys: QueueKeys,
+        shards: Shards,
+        sender: TaskSender,
+        logger: logging.Logger,
     ) -> None:
         self.settings = settings
         self._logger = logger
         self.keys = keys  # the trigger's keys (_topology.trigger_keys), not a shard's
         self._shards = settings.analytics_queue_shards
+        self.shards = shards  # the producer's (whether its K is recorded for the drains yet)
+        self._recording = False
         self._sender = sender
         self.background: set[asyncio.Task[Any]] = set()
         # Monotonic times before which this client need not ask Redis again (inf: a request is out).
@@ -63,6 +71,11 @@ class AfterPush:
 
     def __call__(self, client: AnyRedis, result: PushResult) -> None:
         settings = self.settings
+        if not self.shards.recorded and not self._recording:
+            # once per connection, after its first push (from the loop or a thread's own): K goes in
+            # the set the drains read (_topology.record_shard_count), off the push's path
+            self._recording = True
+            self._spawn(self._record(client))
         if result.dropped:
             self._note_dropped(result.dropped)
         if not settings.analytics_backlog_trigger:
@@ -74,6 +87,12 @@ class AfterPush:
         if now >= self._delay_after and settings.analytics_max_delay > 0:
             self._delay_after = math.inf
             self._spawn(self._delayed_flush(client))
+
+    async def _record(self, client: AnyRedis) -> None:
+        try:
+            await self.shards.record(client)
+        finally:
+            self._recording = False
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -95,6 +114,7 @@ class AfterPush:
         """Their loop is gone (or this is a forked child): the tasks are not ours to finish, and a
         request they had out will not move the gates, so the next push may ask again."""
         self.background.clear()
+        self._recording = False
         self._trigger_after = self._delay_after = 0.0
 
     def _note_dropped(self, count: int) -> None:

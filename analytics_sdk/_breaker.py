@@ -159,47 +159,37 @@ async def push_with_retry(
     retries = settings.analytics_publish_retries
     token = new_token()  # one per batch, kept across its retries: a retry of a push that ran is a no-op
     index = shards.take()
-    recording = None if shards.recorded else asyncio.ensure_future(shards.record(client))
-    try:
-        for attempt in range(retries + 1):
-            keys = shards.keys[index]
-            bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
-            try:
-                async with bound:
-                    result = await push(
-                        _any(client), keys, batch, settings.analytics_max_queue_size, token=token
-                    )
-                break
-            except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
-                raise PublishError(f"Redis refused the credentials: {exc}") from exc
-            except NODE_DOWN as exc:
-                # A push that timed out may have run: re-sent with the same token to the same shard, it
-                # queues nothing twice if Redis ran the first within the guard's lifetime; a copy queued
-                # anyway (a retry on another shard) becomes one row through the sink's ON CONFLICT.
-                delay = retry_delay(attempt, retries, deadline, bound.expired())
-                if delay is None:
-                    breaker.trip(client, exc)
-                    limit = settings.analytics_publish_timeout
-                    raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
-                index = shards.after_failure(client, index)
-                logger.warning(
-                    "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",
-                    len(batch),
-                    Breaker.describe(exc),
-                    delay,
-                    shards.keys[index].prefix,
-                )
-                await asyncio.sleep(delay)
-            except RedisError as exc:
-                # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
-                raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
-        else:
-            raise AssertionError("unreachable")
-    except BaseException:
-        if recording is not None:  # the push failed: do not wait for the record on a node that may be down
-            recording.cancel()
-        raise
-    if recording is not None:  # it ran alongside the push: no round trip of its own
-        await asyncio.wait({recording})
+    for attempt in range(retries + 1):
+        keys = shards.keys[index]
+        bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+        try:
+            async with bound:
+                result = await push(_any(client), keys, batch, shards.cap, token=token)
+            break
+        except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
+            raise PublishError(f"Redis refused the credentials: {exc}") from exc
+        except NODE_DOWN as exc:
+            # A push that timed out may have run: re-sent with the same token to the same shard, it
+            # queues nothing twice if Redis ran the first within the guard's lifetime; a copy queued
+            # anyway (a retry on another shard) becomes one row through the sink's ON CONFLICT.
+            delay = retry_delay(attempt, retries, deadline, bound.expired())
+            if delay is None:
+                breaker.trip(client, exc)
+                limit = settings.analytics_publish_timeout
+                raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
+            index = shards.after_failure(client, index)
+            logger.warning(
+                "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",
+                len(batch),
+                Breaker.describe(exc),
+                delay,
+                shards.keys[index].prefix,
+            )
+            await asyncio.sleep(delay)
+        except RedisError as exc:
+            # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
+            raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
+    else:
+        raise AssertionError("unreachable")
     await replica_acks(client, keys, len(batch), settings)
     return result, keys

@@ -80,7 +80,9 @@ class AnalyticsClient:
         self._breaker = Breaker(
             redact_url(self.settings.redis_dsn) or "", self.settings.analytics_publish_timeout
         )
-        self._after_push = AfterPush(self.settings, trigger_keys(self.settings), self._sender, logger)
+        self._after_push = AfterPush(
+            self.settings, trigger_keys(self.settings), self._shards, self._sender, logger
+        )
         self._background = self._after_push.background
         self._batcher = GroupCommit(self.settings, self._shards, self._after_push, self._breaker)
         self._sizes = SizeReader(self._shards.keys, self._breaker, self.settings.analytics_publish_timeout)

@@ -69,6 +69,8 @@ def test_the_sync_client_spreads_its_own_pushes_too(
             client.track("x")  # a lone thread: the direct lane
         assert client.get_queue_size() == 40
     assert depths(sync_redis, sharded) == [10] * 4
+    # recorded for the drains although the loop itself never pushed
+    assert sync_redis.smembers(QueueKeys(settings.analytics_key_prefix).shard_counts) == {b"4"}
 
 
 async def test_clients_start_at_random_shards(settings: Settings, shard_cleanup: None) -> None:
