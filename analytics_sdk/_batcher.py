@@ -2,10 +2,10 @@
 
 Calls that arrive while a pipeline is in flight wait together and go in the next single push (at
 most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``; more is split evenly, see
-:mod:`._waiting`, which keeps the waiting list). Each caller's future is resolved only once
-Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
-trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
-Redis makes each push (one script) atomic.
+:mod:`._waiting`, which keeps the waiting list), to one shard (round-robin, :mod:`._spread`). Each
+caller's future is resolved only once Redis has acknowledged the push that carried its own event.
+A lone caller pays exactly one round trip: there is no timer. There is no Python lock: the event
+loop serialises the bookkeeping and Redis makes each push (one script) atomic.
 
 Every event carries a deadline, ``ANALYTICS_PUBLISH_TIMEOUT`` after it was handed over: a push is
 tried (and retried) only until the earliest deadline of the events it carries, and an event whose

@@ -4,9 +4,13 @@
 exponential backoff and jitter, at most ``ANALYTICS_PUBLISH_RETRIES`` times and never past its
 deadline (``ANALYTICS_PUBLISH_TIMEOUT`` after its earliest event was handed over): redis-py's own
 retries are off, so that bound is the whole story. Errors that are answers (OOM, WRONGTYPE, ACL,
-a wrong password) are not retried.
+a wrong password) are not retried. Each push goes to one shard (:class:`._spread.Shards`); a retry
+goes to a shard on another node, so one node down costs a retry, not a failure, and the breaker
+opens only when the retries failed too. With ``ANALYTICS_REPLICA_ACKS`` the push then waits for
+the replicas (:func:`._spread.replica_acks`); a replication timeout is a PublishError, not retried.
 
-The circuit breaker of one client: once Redis is known down, fail at once instead of waiting.
+The circuit breaker of one client: once Redis is known down, fail at once instead of waiting. On
+a cluster its probe (like ``ping()``) is satisfied by any primary answering.
 
 Without it every ``track()`` against a Redis that accepts connections and never answers waits out its
 whole ``ANALYTICS_PUBLISH_TIMEOUT``, request after request. The breaker opens when a push (or a queue
@@ -191,5 +195,6 @@ async def push_with_retry(
             raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
     else:
         raise AssertionError("unreachable")
-    await replica_acks(client, keys, len(batch), settings)
+    if settings.analytics_replica_acks:  # (no coroutine per push without them)
+        await replica_acks(client, keys, len(batch), settings)
     return result, keys

@@ -4,6 +4,8 @@ Group commit (:class:`._batcher.GroupCommit`, which the client owns): ``track()`
 while a pipeline is in flight wait together and go in the next single push. Each caller returns only
 once Redis has acknowledged the push that carried its own event (a lone caller pays one round trip;
 no timer, no Python lock). The client keeps the public API, its lifecycle and the backlog trigger.
+Each push goes to one of the ``ANALYTICS_QUEUE_SHARDS`` shards, on a plain Redis or (with
+``ANALYTICS_REDIS_CLUSTER``) a Redis Cluster: :mod:`._spread`, :mod:`._topology`.
 
 Reads coalesce the same way (:mod:`._reads`), so one client needs a handful of connections at most:
 its pool is capped at ``MAX_CONNECTIONS`` and a caller waits for a free one (within its deadline)

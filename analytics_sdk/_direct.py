@@ -236,7 +236,8 @@ class DirectLane:
                 raise PublishError(f"Redis refused {len(payloads)} event(s): {exc}") from exc
         else:
             raise AssertionError("unreachable")
-        self._replica_acks(keys, len(payloads))
+        if settings.analytics_replica_acks:
+            self._replica_acks(keys, len(payloads))
         return PushResult(int(length), int(dropped), bool(repeated))
 
     def _replica_acks(self, keys: QueueKeys, events: int) -> None:
