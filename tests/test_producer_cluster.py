@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shlex
 import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +209,37 @@ async def test_track_keeps_succeeding_while_a_primary_fails_over(
         sync_during.count(False),
     )
     assert sync_outcomes[-1] is True
+
+
+async def test_the_docs_acl_line_for_producers_is_enough_on_a_cluster(
+    redis_cluster: ThrowawayCluster,  # noqa: F811
+) -> None:
+    """The producers' line of docs/operations.md on every node (with the two commands docs/cluster.md
+    adds for redis-py's cluster client): shards, totals, ping, replica acks
+    and the sync client's own pushes run without a single denial in any node's ACL LOG."""
+    page = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    [line] = re.findall(r"^ACL SETUSER analytics-app .+$", page, re.MULTILINE)
+    for server in redis_cluster.live():
+        with server.client() as admin:
+            # + what docs/cluster.md adds for redis-py's cluster client: topology, command table
+            admin.execute_command(
+                *shlex.split(line.replace(">CHANGE-ME", ">pw")), "+cluster|slots", "+command"
+            )
+            admin.acl_log_reset()
+    host, port = redis_cluster.url.removeprefix("redis://").removesuffix("/0").split(":")
+    settings = cluster_settings(redis_cluster, analytics_replica_acks=1, analytics_replica_ack_timeout=1.0)
+    url = f"redis://analytics-app:pw@{host}:{port}/0"
+    settings = settings.replace(redis_url=url, analytics_key_prefix="analytics")
+    async with AnalyticsClient(settings) as client:
+        for _ in range(6):
+            await client.track("acl")
+        await client.track_many([{"event_type": "acl"}] * 2)
+        assert await client.get_queue_size() == 8
+        assert await client.ping()
+        with redis_cluster.primaries()[0].client() as admin:  # (not the default user's connections)
+            assert any(c["user"] == "analytics-app" for c in admin.client_list())
+    with SyncAnalyticsClient(settings) as sync_client:
+        sync_client.track("acl, sync")
+    for server in redis_cluster.live():
+        with server.client() as admin:
+            assert admin.acl_log() == [], server
