@@ -77,9 +77,6 @@ class Shards:
         # ANALYTICS_MAX_QUEUE_SIZE bounds the whole queue: each shard trims at its share (K = 1: all)
         self.cap = -(-settings.analytics_max_queue_size // len(self.keys))
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     def take(self) -> int:
         """The index of the shard for the next push."""
         index = self._next
