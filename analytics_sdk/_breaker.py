@@ -32,6 +32,7 @@ import random
 import time
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from ._exceptions import PublishError
@@ -163,9 +164,14 @@ async def push_with_retry(
     retries = settings.analytics_publish_retries
     token = new_token()  # one per batch, kept across its retries: a retry of a push that ran is a no-op
     index = shards.take()
+    # With shards on several nodes, one attempt may spend only half of what is left of the deadline
+    # (the last one all of it): a hung node then costs a retry on another node, not the whole
+    # deadline and the breaker. (Alone on one Redis, a retry would meet the same server: all of it.)
+    halves = len(shards.keys) > 1 and not isinstance(client, aioredis.Redis)
     for attempt in range(retries + 1):
         keys = shards.keys[index]
-        bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+        left = max(0.0, deadline - time.monotonic())
+        bound = asyncio.timeout(left / 2 if halves and attempt < retries else left)
         try:
             async with bound:
                 result = await push(_any(client), keys, batch, shards.cap, token=token)
@@ -176,11 +182,12 @@ async def push_with_retry(
             # A push that timed out may have run: re-sent with the same token to the same shard, it
             # queues nothing twice if Redis ran the first within the guard's lifetime; a copy queued
             # anyway (a retry on another shard) becomes one row through the sink's ON CONFLICT.
-            delay = retry_delay(attempt, retries, deadline, bound.expired())
+            expired = time.monotonic() >= deadline if halves else bound.expired()
+            delay = retry_delay(attempt, retries, deadline, expired)
             if delay is None:
                 breaker.trip(client, exc)
                 limit = settings.analytics_publish_timeout
-                raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
+                raise gave_up(exc, len(batch), attempt + 1, expired, limit) from exc
             index = shards.after_failure(client, index)
             logger.warning(
                 "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",

@@ -16,7 +16,8 @@ both take it, which only makes the spread a little less even): one shard per pus
 another node's shard, and with ``ANALYTICS_REPLICA_ACKS`` a WAIT before the caller returns. On a
 plain Redis the WAIT runs on the connection that pushed (it counts that connection's last write);
 with ``ANALYTICS_REDIS_CLUSTER`` the thread uses redis-py's sync cluster client (:mod:`._lane_cluster`),
-whose replies are bounded by ``ANALYTICS_REDIS_TIMEOUT`` (not by what is left of the deadline).
+whose replies are bounded by its socket timeout (half the publish timeout), not by what is left of
+the deadline.
 """
 
 from __future__ import annotations

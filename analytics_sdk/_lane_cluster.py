@@ -32,9 +32,15 @@ class ClusterPusher:
     @property
     def client(self) -> redis.cluster.RedisCluster:
         if self._client is None:  # connects (reads the topology) here
-            self._client = sync_cluster_client(
-                self._settings, startup_nodes=self._settings.cluster_startup_nodes
-            )
+            settings = self._settings
+            # Each reply is bounded by this socket timeout, not by the deadline (redis-py's sync
+            # cluster client takes no per-call bound): half the publish timeout, so a hung node costs
+            # a retry on another node, not the whole deadline; longer than a WAIT when acks are asked.
+            bound = settings.analytics_publish_timeout / 2
+            if settings.analytics_replica_acks:
+                bound = max(bound, settings.analytics_replica_ack_timeout + 0.5)
+            bounded = settings.replace(analytics_redis_timeout=min(settings.analytics_redis_timeout, bound))
+            self._client = sync_cluster_client(bounded, startup_nodes=settings.cluster_startup_nodes)
         return self._client
 
     def push(self, args: tuple[Any, ...], payloads: list[bytes]) -> Any:

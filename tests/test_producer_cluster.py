@@ -20,7 +20,13 @@ import pytest
 from analytics_sdk import AnalyticsClient, PublishError, Settings, SyncAnalyticsClient
 from analytics_sdk._keys import QueueKeys
 from analytics_sdk._topology import producer_shards
-from tests.cluster import ThrowawayCluster, fresh_cluster, poll, redis_cluster  # noqa: F401 - fixtures
+from tests.cluster import (  # noqa: F401 - fixtures
+    ThrowawayCluster,
+    fresh_cluster,
+    poll,
+    redis_cluster,
+    start_cluster,
+)
 from tests.servers import RedisServer
 
 
@@ -243,3 +249,44 @@ async def test_the_docs_acl_line_for_producers_is_enough_on_a_cluster(
     for server in redis_cluster.live():
         with server.client() as admin:
             assert admin.acl_log() == [], server
+
+
+async def test_a_hung_primary_costs_a_retry_on_another_node_not_a_failure(tmp_path: Path) -> None:
+    """A primary that takes connections and answers nothing (SIGSTOP; a node timeout long enough
+    that no failover starts): a push to one of its shards gives up on it after half of what is left
+    of the deadline and goes to another node, instead of spending the whole deadline there and
+    opening the breaker; for the async client and a sync client's own pushes (both running before
+    the hang: a process that starts while a node hangs is another matter, see docs/cluster.md)."""
+    with start_cluster(tmp_path / "cluster", node_timeout_ms=20_000) as cluster:
+        for server in cluster.live():
+            with server.client() as admin:
+                admin.config_set("cluster-require-full-coverage", "no")
+        settings = cluster_settings(cluster, analytics_publish_timeout=2.0)
+        hung = cluster.primary_for_key(producer_shards(settings)[0].queue)
+        outcomes: list[bool] = []
+
+        async def track(client: AnalyticsClient | SyncAnalyticsClient) -> None:
+            try:
+                if isinstance(client, AnalyticsClient):
+                    await client.track("during")
+                else:
+                    client.track("during, sync")  # a lone thread: its own pushes
+                outcomes.append(True)
+            except PublishError:
+                outcomes.append(False)
+
+        with SyncAnalyticsClient(settings) as sync_client:
+            async with AnalyticsClient(settings) as client:
+                for _ in range(12):
+                    await client.track("before")
+                    sync_client.track("before")
+                stop(hung, signal.SIGSTOP)
+                try:
+                    for _ in range(12):  # each shard twice: four pushes meet the hung node first
+                        await track(client)
+                    assert not client._breaker.is_open
+                    for _ in range(6):
+                        await track(sync_client)
+                finally:
+                    stop(hung, signal.SIGCONT)
+    assert all(outcomes), list(enumerate(outcomes))
