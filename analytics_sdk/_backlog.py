@@ -72,8 +72,9 @@ class AfterPush:
     def __call__(self, client: AnyRedis, result: PushResult) -> None:
         settings = self.settings
         if not self.shards.recorded and not self._recording:
-            # once per connection, after its first push (from the loop or a thread's own): K goes in
-            # the set the drains read (_topology.record_shard_count), off the push's path
+            # K goes in the set the drains read (_topology.record_shard_count) alongside the loop's
+            # first push (_breaker); this is for a sync client whose pushes all went the direct
+            # way, or a first record that failed: in the background, one at a time
             self._recording = True
             self._spawn(self._record(client))
         if result.dropped:

@@ -161,13 +161,40 @@ async def push_with_retry(
     """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed; a
     retry goes to another shard's node (:mod:`._spread`). Returns the result and the shard that took
     it, once ``ANALYTICS_REPLICA_ACKS`` replicas hold it (else :class:`PublishError`, not retried)."""
-    retries = settings.analytics_publish_retries
     token = new_token()  # one per batch, kept across its retries: a retry of a push that ran is a no-op
-    index = shards.take()
     # With shards on several nodes, one attempt may spend only half of what is left of the deadline
     # (the last one all of it): a hung node then costs a retry on another node, not the whole
     # deadline and the breaker. (Alone on one Redis, a retry would meet the same server: all of it.)
     halves = len(shards.keys) > 1 and not isinstance(client, aioredis.Redis)
+    # The client's first push also records its K for the drains, alongside (another connection):
+    # its callers return once both are done, so the SADD costs no round trip of its own.
+    recording = None if shards.recorded else asyncio.ensure_future(shards.record(client))
+    try:
+        result, keys = await _attempts(client, shards, batch, settings, breaker, deadline, token, halves)
+    except BaseException:
+        if recording is not None:  # not on the push's failure: its node may be the one down
+            recording.cancel()
+        raise
+    if recording is not None:  # bounded: a slow node holding the set must not hold the callers
+        await asyncio.wait({recording}, timeout=max(0.0, deadline - time.monotonic()))
+        recording.cancel()  # (a no-op once done; else recorded stays False: a later push asks again)
+    if settings.analytics_replica_acks:  # (no coroutine per push without them)
+        await replica_acks(client, keys, len(batch), settings)
+    return result, keys
+
+
+async def _attempts(
+    client: AnyRedis,
+    shards: Shards,
+    batch: list[bytes],
+    settings: Settings,
+    breaker: Breaker,
+    deadline: float,
+    token: str,
+    halves: bool,
+) -> tuple[PushResult, QueueKeys]:
+    retries = settings.analytics_publish_retries
+    index = shards.take()
     for attempt in range(retries + 1):
         keys = shards.keys[index]
         left = max(0.0, deadline - time.monotonic())
@@ -175,7 +202,7 @@ async def push_with_retry(
         try:
             async with bound:
                 result = await push(_any(client), keys, batch, shards.cap, token=token)
-            break
+            return result, keys
         except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
             raise PublishError(f"Redis refused the credentials: {exc}") from exc
         except NODE_DOWN as exc:
@@ -200,8 +227,4 @@ async def push_with_retry(
         except RedisError as exc:
             # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.
             raise PublishError(f"Redis refused {len(batch)} event(s): {exc}") from exc
-    else:
-        raise AssertionError("unreachable")
-    if settings.analytics_replica_acks:  # (no coroutine per push without them)
-        await replica_acks(client, keys, len(batch), settings)
-    return result, keys
+    raise AssertionError("unreachable")
