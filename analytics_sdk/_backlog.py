@@ -2,7 +2,11 @@
 flush task so that queued events reach PostgreSQL within a bounded time (see :mod:`._debounce`):
 
 - the backlog trigger: a push that makes the queue reach a batch sends a flush now, or, inside the
-  cooldown, schedules one for the cooldown's end (a debounce with a trailing edge);
+  cooldown, schedules one for the cooldown's end (a debounce with a trailing edge). With K shards a
+  push only learns its own shard's length; pushes go round-robin, so the shards fill evenly and the
+  queue holds about K times that: the trigger fires when ``length * K`` reaches the batch size
+  (with K = 1, the queue reaching it, as before). Its keys are not per shard
+  (:func:`._topology.trigger_keys`), so the cooldown is shared by every shard and client;
 - the max delay: a flush is always due within ``analytics_max_delay`` seconds of any push.
 
 Both run on the client's loop, called by the group commit (:class:`._batcher.GroupCommit`) once per
@@ -25,13 +29,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 import anyio.to_thread
-import redis.asyncio as aioredis
 
 from ._debounce import Decision, reserve_backlog_flush, reserve_delayed_flush
 from ._keys import QueueKeys
 from ._queue import PushResult
+from ._redis import AnyRedis
 from ._sender import TaskSender
 from ._settings import Settings
+from ._spread import Shards
 
 __all__ = ["DROP_LOG_EVERY", "AfterPush"]
 
@@ -42,11 +47,19 @@ class AfterPush:
     """The group commit's after-push callback of one client, and the background tasks it starts."""
 
     def __init__(
-        self, settings: Settings, keys: QueueKeys, sender: TaskSender, logger: logging.Logger
+        self,
+        settings: Settings,
+        keys: QueueKeys,
+        shards: Shards,
+        sender: TaskSender,
+        logger: logging.Logger,
     ) -> None:
         self.settings = settings
         self._logger = logger
-        self.keys = keys
+        self.keys = keys  # the trigger's keys (_topology.trigger_keys), not a shard's
+        self._shards = settings.analytics_queue_shards
+        self.shards = shards  # the producer's (whether its K is recorded for the drains yet)
+        self._recording = False
         self._sender = sender
         self.background: set[asyncio.Task[Any]] = set()
         # Monotonic times before which this client need not ask Redis again (inf: a request is out).
@@ -56,19 +69,31 @@ class AfterPush:
         self._dropped_unlogged = 0
         self._drop_logged_at = 0.0
 
-    def __call__(self, client: aioredis.Redis, result: PushResult) -> None:
+    def __call__(self, client: AnyRedis, result: PushResult) -> None:
         settings = self.settings
+        if not self.shards.recorded and not self._recording:
+            # K goes in the set the drains read (_topology.record_shard_count) alongside the loop's
+            # first push (_breaker); this is for a sync client whose pushes all went the direct
+            # way, or a first record that failed: in the background, one at a time
+            self._recording = True
+            self._spawn(self._record(client))
         if result.dropped:
             self._note_dropped(result.dropped)
         if not settings.analytics_backlog_trigger:
             return
         now = time.monotonic()
-        if now >= self._trigger_after and result.length >= settings.analytics_batch_size:
+        if now >= self._trigger_after and result.length * self._shards >= settings.analytics_batch_size:
             self._trigger_after = math.inf
             self._spawn(self._backlog_flush(client))
         if now >= self._delay_after and settings.analytics_max_delay > 0:
             self._delay_after = math.inf
             self._spawn(self._delayed_flush(client))
+
+    async def _record(self, client: AnyRedis) -> None:
+        try:
+            await self.shards.record(client)
+        finally:
+            self._recording = False
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -90,6 +115,7 @@ class AfterPush:
         """Their loop is gone (or this is a forked child): the tasks are not ours to finish, and a
         request they had out will not move the gates, so the next push may ask again."""
         self.background.clear()
+        self._recording = False
         self._trigger_after = self._delay_after = 0.0
 
     def _note_dropped(self, count: int) -> None:
@@ -111,7 +137,7 @@ class AfterPush:
             )
             self._dropped_unlogged = 0
 
-    async def _backlog_flush(self, client: aioredis.Redis) -> None:
+    async def _backlog_flush(self, client: AnyRedis) -> None:
         cooldown = self.settings.analytics_backlog_trigger_cooldown
         wait = cooldown  # after a failure: the next push past the threshold asks again in a cooldown
         try:
@@ -131,7 +157,7 @@ class AfterPush:
         finally:
             self._trigger_after = time.monotonic() + wait
 
-    async def _delayed_flush(self, client: aioredis.Redis) -> None:
+    async def _delayed_flush(self, client: AnyRedis) -> None:
         delay = self.settings.analytics_max_delay
         wait = delay
         try:

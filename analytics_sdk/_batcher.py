@@ -2,10 +2,10 @@
 
 Calls that arrive while a pipeline is in flight wait together and go in the next single push (at
 most ``MAX_BATCH_EVENTS`` events or ``MAX_BATCH_BYTES``; more is split evenly, see
-:mod:`._waiting`, which keeps the waiting list). Each caller's future is resolved only once
-Redis has acknowledged the push that carried its own event. A lone caller pays exactly one round
-trip: there is no timer. There is no Python lock: the event loop serialises the bookkeeping and
-Redis makes each push (one script) atomic.
+:mod:`._waiting`, which keeps the waiting list), to one shard (round-robin, :mod:`._spread`). Each
+caller's future is resolved only once Redis has acknowledged the push that carried its own event.
+A lone caller pays exactly one round trip: there is no timer. There is no Python lock: the event
+loop serialises the bookkeeping and Redis makes each push (one script) atomic.
 
 Every event carries a deadline, ``ANALYTICS_PUBLISH_TIMEOUT`` after it was handed over: a push is
 tried (and retried) only until the earliest deadline of the events it carries, and an event whose
@@ -29,13 +29,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ._breaker import Breaker, push_with_retry
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
-from ._keys import QueueKeys
 from ._queue import PushResult
+from ._redis import AnyRedis
 from ._settings import Settings
+from ._spread import Shards
 from ._waiting import Future as _Future
 from ._waiting import Waiting, settle, settle_all
 
@@ -79,12 +78,12 @@ class GroupCommit:
     def __init__(
         self,
         settings: Settings,
-        keys: QueueKeys,
-        on_pushed: Callable[[aioredis.Redis, PushResult], None],
+        shards: Shards,
+        on_pushed: Callable[[AnyRedis, PushResult], None],
         breaker: Breaker,
     ) -> None:
         self.settings = settings
-        self.keys = keys
+        self.shards = shards  # each push goes to one of them (round-robin, see _spread)
         self._on_pushed = on_pushed
         self.breaker = breaker
         self._timeout = settings.analytics_publish_timeout
@@ -96,12 +95,12 @@ class GroupCommit:
         self._wake_pending = False
         self._closed = False
         self._call_soon_threadsafe: Callable[[Callable[[], None]], object] = _not_attached
-        self._connect: Callable[[], aioredis.Redis] = _not_attached
+        self._connect: Callable[[], AnyRedis] = _not_attached
         # On the loop, before each push: what must land first (a thread's own push, see _direct), or None.
         self.ahead: Callable[[], Awaitable[None] | None] = lambda: None
 
     def submit(
-        self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payloads: list[bytes]
+        self, loop: asyncio.AbstractEventLoop, client: AnyRedis, payloads: list[bytes]
     ) -> asyncio.Future[None]:
         """Queue ``payloads`` for the next push; the future resolves once Redis acknowledged them."""
         future: asyncio.Future[None] = loop.create_future()
@@ -114,7 +113,7 @@ class GroupCommit:
         return future
 
     def submit_one(
-        self, loop: asyncio.AbstractEventLoop, client: aioredis.Redis, payload: bytes
+        self, loop: asyncio.AbstractEventLoop, client: AnyRedis, payload: bytes
     ) -> asyncio.Future[None]:
         """:meth:`submit` of one event (``track()``), inlined: no list and no call per event."""
         future: asyncio.Future[None] = loop.create_future()
@@ -147,7 +146,7 @@ class GroupCommit:
 
     # -- from other threads -----------------------------------------------------------------------
 
-    def attach(self, loop: asyncio.AbstractEventLoop, connect: Callable[[], aioredis.Redis]) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, connect: Callable[[], AnyRedis]) -> None:
         """Serve :meth:`submit_threadsafe` on ``loop``, which must be running in its own thread.
 
         ``connect()`` runs on the loop when a push loop is started for handed-over events: it returns
@@ -250,7 +249,7 @@ class GroupCommit:
     def _expire(self, future: _Future) -> None:
         settle(future, PublishError(f"not sent: no push could take it within {self._timeout}s"))
 
-    async def _flush_loop(self, client: aioredis.Redis) -> None:
+    async def _flush_loop(self, client: AnyRedis) -> None:
         futures: list[_Future] = []
         try:
             while True:
@@ -277,8 +276,8 @@ class GroupCommit:
                 if ahead is not None:
                     await ahead
                 try:
-                    result = await push_with_retry(
-                        client, self.keys, batch, self.settings, self.breaker, deadline
+                    result, _ = await push_with_retry(
+                        client, self.shards, batch, self.settings, self.breaker, deadline
                     )
                 except PublishError as exc:
                     for future in futures:  # each caller its own error, chained to the Redis one

@@ -4,9 +4,13 @@
 exponential backoff and jitter, at most ``ANALYTICS_PUBLISH_RETRIES`` times and never past its
 deadline (``ANALYTICS_PUBLISH_TIMEOUT`` after its earliest event was handed over): redis-py's own
 retries are off, so that bound is the whole story. Errors that are answers (OOM, WRONGTYPE, ACL,
-a wrong password) are not retried.
+a wrong password) are not retried. Each push goes to one shard (:class:`._spread.Shards`); a retry
+goes to a shard on another node, so one node down costs a retry, not a failure, and the breaker
+opens only when the retries failed too. With ``ANALYTICS_REPLICA_ACKS`` the push then waits for
+the replicas (:func:`._spread.replica_acks`); a replication timeout is a PublishError, not retried.
 
-The circuit breaker of one client: once Redis is known down, fail at once instead of waiting.
+The circuit breaker of one client: once Redis is known down, fail at once instead of waiting. On
+a cluster its probe (like ``ping()``) is satisfied by any primary answering.
 
 Without it every ``track()`` against a Redis that accepts connections and never answers waits out its
 whole ``ANALYTICS_PUBLISH_TIMEOUT``, request after request. The breaker opens when a push (or a queue
@@ -26,16 +30,17 @@ import asyncio
 import logging
 import random
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from ._exceptions import PublishError
 from ._keys import QueueKeys
 from ._queue import PushResult, new_token, push
+from ._redis import AnyRedis
 from ._settings import Settings
+from ._spread import NODE_DOWN, Shards, answers, replica_acks
 
 __all__ = ["PROBE_INTERVAL", "Breaker", "gave_up", "push_with_retry", "retry_delay"]
 
@@ -72,7 +77,7 @@ class Breaker:
         error.__cause__ = self._cause
         return error
 
-    def trip(self, client: aioredis.Redis, cause: BaseException | None) -> None:
+    def trip(self, client: AnyRedis, cause: BaseException | None) -> None:
         """On the loop, after a push or read gave up because Redis did not answer: open, start probing."""
         if self.is_open:
             return
@@ -86,14 +91,14 @@ class Breaker:
         )
         self._probe = asyncio.get_running_loop().create_task(self._run_probe(client))
 
-    async def _run_probe(self, client: aioredis.Redis) -> None:
+    async def _run_probe(self, client: AnyRedis) -> None:
         try:
             while True:
                 await asyncio.sleep(PROBE_INTERVAL)
-                try:
-                    async with asyncio.timeout(self._probe_timeout):
-                        await client.ping()
-                except (RedisError, OSError):  # TimeoutError is an OSError: the deadline above
+                try:  # on a cluster: any primary answering will do (pushes go to its shards)
+                    if not await answers(client, self._probe_timeout):
+                        continue
+                except (RedisError, OSError, RedisClusterException):  # TimeoutError: the deadline
                     continue
                 down_for = time.monotonic() - self._opened_at
                 self.is_open, self._cause = False, None
@@ -114,6 +119,11 @@ class Breaker:
     def forget(self) -> None:
         """After a fork or once the probe's loop is gone: its task is not ours to finish; start closed."""
         self.is_open, self._cause, self._probe = False, None, None
+
+
+def _any(client: AnyRedis) -> Any:
+    # _queue's functions are typed for the plain client; the push script runs alike on a cluster's
+    return client
 
 
 def retry_delay(attempt: int, retries: int, deadline: float, expired: bool) -> float | None:
@@ -141,33 +151,78 @@ def gave_up(exc: BaseException, events: int, attempts: int, expired: bool, limit
 
 
 async def push_with_retry(
-    client: aioredis.Redis,
-    keys: QueueKeys,
+    client: AnyRedis,
+    shards: Shards,
     batch: list[bytes],
     settings: Settings,
     breaker: Breaker,
     deadline: float,
-) -> PushResult:
-    """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed."""
-    retries = settings.analytics_publish_retries
+) -> tuple[PushResult, QueueKeys]:
+    """Push until acknowledged, refused, ``publish_retries`` retries spent or ``deadline`` passed; a
+    retry goes to another shard's node (:mod:`._spread`). Returns the result and the shard that took
+    it, once ``ANALYTICS_REPLICA_ACKS`` replicas hold it (else :class:`PublishError`, not retried)."""
     token = new_token()  # one per batch, kept across its retries: a retry of a push that ran is a no-op
+    # With shards on several nodes, one attempt may spend only half of what is left of the deadline
+    # (the last one all of it): a hung node then costs a retry on another node, not the whole
+    # deadline and the breaker. (Alone on one Redis, a retry would meet the same server: all of it.)
+    halves = len(shards.keys) > 1 and not isinstance(client, aioredis.Redis)
+    # The client's first push also records its K for the drains, alongside (another connection):
+    # its callers return once both are done, so the SADD costs no round trip of its own.
+    recording = None if shards.recorded else asyncio.ensure_future(shards.record(client))
+    try:
+        result, keys = await _attempts(client, shards, batch, settings, breaker, deadline, token, halves)
+    except BaseException:
+        if recording is not None:  # not on the push's failure: its node may be the one down
+            recording.cancel()
+        raise
+    if recording is not None:  # bounded: a slow node holding the set must not hold the callers
+        await asyncio.wait({recording}, timeout=max(0.0, deadline - time.monotonic()))
+        recording.cancel()  # (a no-op once done; else recorded stays False: a later push asks again)
+    if settings.analytics_replica_acks:  # (no coroutine per push without them)
+        await replica_acks(client, keys, len(batch), settings)
+    return result, keys
+
+
+async def _attempts(
+    client: AnyRedis,
+    shards: Shards,
+    batch: list[bytes],
+    settings: Settings,
+    breaker: Breaker,
+    deadline: float,
+    token: str,
+    halves: bool,
+) -> tuple[PushResult, QueueKeys]:
+    retries = settings.analytics_publish_retries
+    index = shards.take()
     for attempt in range(retries + 1):
-        bound = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+        keys = shards.keys[index]
+        left = max(0.0, deadline - time.monotonic())
+        bound = asyncio.timeout(left / 2 if halves and attempt < retries else left)
         try:
             async with bound:
-                return await push(client, keys, batch, settings.analytics_max_queue_size, token=token)
+                result = await push(_any(client), keys, batch, shards.cap, token=token)
+            return result, keys
         except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
             raise PublishError(f"Redis refused the credentials: {exc}") from exc
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            # A push that timed out may have run: re-sent with the same token, it queues nothing twice
-            # if Redis ran the first within the guard's lifetime; a copy queued anyway (a retry by
-            # another route) becomes one row through the sink's ON CONFLICT (event_id).
-            delay = retry_delay(attempt, retries, deadline, bound.expired())
+        except NODE_DOWN as exc:
+            # A push that timed out may have run: re-sent with the same token to the same shard, it
+            # queues nothing twice if Redis ran the first within the guard's lifetime; a copy queued
+            # anyway (a retry on another shard) becomes one row through the sink's ON CONFLICT.
+            expired = time.monotonic() >= deadline if halves else bound.expired()
+            delay = retry_delay(attempt, retries, deadline, expired)
             if delay is None:
                 breaker.trip(client, exc)
                 limit = settings.analytics_publish_timeout
-                raise gave_up(exc, len(batch), attempt + 1, bound.expired(), limit) from exc
-            logger.warning("push of %s event(s) failed (%s); retrying in %.2fs", len(batch), exc, delay)
+                raise gave_up(exc, len(batch), attempt + 1, expired, limit) from exc
+            index = shards.after_failure(client, index)
+            logger.warning(
+                "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",
+                len(batch),
+                Breaker.describe(exc),
+                delay,
+                shards.keys[index].prefix,
+            )
             await asyncio.sleep(delay)
         except RedisError as exc:
             # OOM under maxmemory, WRONGTYPE, ACL denial: retrying cannot help, say so at once.

@@ -4,6 +4,8 @@ Group commit (:class:`._batcher.GroupCommit`, which the client owns): ``track()`
 while a pipeline is in flight wait together and go in the next single push. Each caller returns only
 once Redis has acknowledged the push that carried its own event (a lone caller pays one round trip;
 no timer, no Python lock). The client keeps the public API, its lifecycle and the backlog trigger.
+Each push goes to one of the ``ANALYTICS_QUEUE_SHARDS`` shards, on a plain Redis or (with
+``ANALYTICS_REDIS_CLUSTER``) a Redis Cluster: :mod:`._spread`, :mod:`._topology`.
 
 Reads coalesce the same way (:mod:`._reads`), so one client needs a handful of connections at most:
 its pool is capped at ``MAX_CONNECTIONS`` and a caller waits for a free one (within its deadline)
@@ -25,10 +27,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio.to_thread
-import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._backlog import AfterPush
 from ._batcher import GroupCommit
@@ -38,9 +36,11 @@ from ._event import Event, encode_fields
 from ._exceptions import AnalyticsError, ClientClosedError, PublishError
 from ._keys import QueueKeys
 from ._reads import SizeReader
-from ._redis import redis_client
+from ._redis import AnyRedis
 from ._sender import TaskSender
 from ._settings import Settings, redact_url
+from ._spread import Shards, ready
+from ._topology import producer_shards, queue_client, trigger_keys
 
 __all__ = ["MAX_CONNECTIONS", "AnalyticsClient"]
 
@@ -65,9 +65,11 @@ class AnalyticsClient:
     client that validates and returns ids but sends nothing; it is read here, for every client.
     """
 
-    def __init__(self, settings: Settings | None = None, *, redis: aioredis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, redis: AnyRedis | None = None) -> None:
         self.settings = settings or Settings()
-        self.keys = QueueKeys(self.settings.analytics_key_prefix)
+        self.keys = QueueKeys(self.settings.analytics_key_prefix)  # the base prefix's (not a shard's)
+        # the shards this client pushes to, one per push, round-robin (_spread)
+        self._shards = Shards(producer_shards(self.settings), self.settings)
         self._redis = redis
         self._owns_redis = redis is None
         self._sender = TaskSender(self.settings)
@@ -80,10 +82,12 @@ class AnalyticsClient:
         self._breaker = Breaker(
             redact_url(self.settings.redis_dsn) or "", self.settings.analytics_publish_timeout
         )
-        self._after_push = AfterPush(self.settings, self.keys, self._sender, logger)
+        self._after_push = AfterPush(
+            self.settings, trigger_keys(self.settings), self._shards, self._sender, logger
+        )
         self._background = self._after_push.background
-        self._batcher = GroupCommit(self.settings, self.keys, self._after_push, self._breaker)
-        self._sizes = SizeReader(self.keys, self._breaker, self.settings.analytics_publish_timeout)
+        self._batcher = GroupCommit(self.settings, self._shards, self._after_push, self._breaker)
+        self._sizes = SizeReader(self._shards.keys, self._breaker, self.settings.analytics_publish_timeout)
         self._enabled = client_enabled(self.settings)
 
     @classmethod
@@ -161,9 +165,9 @@ class AnalyticsClient:
         return [event_id for event_id, _ in encoded]
 
     async def get_queue_size(self) -> int:
-        """Events waiting in the Redis queue (not counting batches a drain has claimed); 0 if disabled.
-
-        Concurrent callers share one LLEN (see :mod:`._reads`), bounded by the publish timeout.
+        """Events waiting in the Redis queue, over all its shards (not counting batches a drain has
+        claimed); 0 if disabled. Concurrent callers share one read (:mod:`._reads`), bounded by the
+        publish timeout.
         """
         if not self._enabled:
             self._check_open()
@@ -182,7 +186,8 @@ class AnalyticsClient:
             raise PublishError(f"could not send the flush task to the broker: {exc}") from exc
 
     async def ping(self) -> bool:
-        """For readiness probes: True if Redis answered a PING within ``ANALYTICS_PUBLISH_TIMEOUT``.
+        """For readiness probes: True if Redis answered a PING within ``ANALYTICS_PUBLISH_TIMEOUT``
+        (on a cluster: any primary, since pushes then go to its shards).
 
         Never raises for Redis being down, slow or refusing: False. While the breaker is open (Redis
         known down) it answers False at once, without waiting; a PING that times out or cannot
@@ -196,17 +201,7 @@ class AnalyticsClient:
         client = self._get_redis()
         if self._breaker.is_open:
             return False
-        try:
-            async with asyncio.timeout(self.settings.analytics_publish_timeout):
-                await client.ping()
-        except AuthenticationError:  # up, but refusing us: not ready, and nothing to fail fast on
-            return False
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # OSError: the bound above
-            self._breaker.trip(client, exc)
-            return False
-        except RedisError:  # an answer (ACL denial, LOADING): Redis is up but cannot serve us
-            return False
-        return True
+        return await ready(client, self._breaker, self.settings.analytics_publish_timeout)
 
     async def aclose(self) -> None:
         """Wait for events already handed to the client, then release its connections. Idempotent.
@@ -259,7 +254,7 @@ class AnalyticsClient:
             )
         return loop
 
-    def _get_redis(self) -> aioredis.Redis:
+    def _get_redis(self) -> AnyRedis:
         self._check_open()
         if self._pid != os.getpid():
             if not self._owns_redis:
@@ -270,11 +265,13 @@ class AnalyticsClient:
             self._breaker.forget()
             self._sizes.forget()
             self._after_push.forget()
+            self._shards.forget()
         self._forks, self._thread = _forks[0], get_ident()
         if self._redis is None:
             # No hidden retry: ours (_breaker.push_with_retry) is the only one, its worst case known;
             # a command past the pool's cap waits for a connection, within the publish deadline.
-            self._redis = redis_client(
+            # With ANALYTICS_REDIS_CLUSTER, redis-py's cluster client (_topology).
+            self._redis = queue_client(
                 self.settings, max_connections=MAX_CONNECTIONS, wait=self.settings.analytics_publish_timeout
             )
         return self._redis

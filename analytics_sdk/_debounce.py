@@ -23,12 +23,11 @@ Only the time left on keys (PTTL) is used, never a host's clock, so clients on s
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import NamedTuple
-
-import redis.asyncio as aioredis
+from typing import Any, NamedTuple
 
 from ._keys import QueueKeys
 from ._lua import Script
+from ._redis import AnyRedis
 
 __all__ = ["Decision", "Reply", "reserve_backlog_flush", "reserve_delayed_flush"]
 
@@ -80,16 +79,18 @@ return 0
 )
 
 
-async def reserve_backlog_flush(client: aioredis.Redis, keys: QueueKeys, cooldown: float) -> Reply:
+async def reserve_backlog_flush(client: AnyRedis, keys: QueueKeys, cooldown: float) -> Reply:
     """The backlog trigger's decision for a push that made the queue reach the batch size."""
+    plain: Any = client  # Script is typed for the plain client; it runs alike on a cluster's
     decision, ms = await _BACKLOG(
-        client, [keys.flush_cooldown, keys.flush_requests], [max(1, int(cooldown * 1000))]
+        plain, [keys.flush_cooldown, keys.flush_requests], [max(1, int(cooldown * 1000))]
     )
     return Reply(Decision(int(decision)), int(ms) / 1000)
 
 
-async def reserve_delayed_flush(client: aioredis.Redis, keys: QueueKeys, delay: float) -> float:
+async def reserve_delayed_flush(client: AnyRedis, keys: QueueKeys, delay: float) -> float:
     """0 when the caller must send a flush ``delay`` seconds ahead; else the seconds until the
     pending delayed flush runs (every event pushed until then is covered by it)."""
-    ms = await _DELAYED(client, [keys.flush_delay, keys.flush_requests], [max(1, int(delay * 1000))])
+    plain: Any = client
+    ms = await _DELAYED(plain, [keys.flush_delay, keys.flush_requests], [max(1, int(delay * 1000))])
     return int(ms) / 1000

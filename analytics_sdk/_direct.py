@@ -10,7 +10,14 @@ share its pushes as before, so many threads still share few pushes.
 The rules are the loop's: the same push script with one token per push, kept across its retries;
 the publish deadline from the hand-over, each attempt's reply awaited only for what is left of it;
 the same retry policy (:func:`._breaker.retry_delay`); the same breaker, read here and opened on the
-loop (which probes); the after-push callback (dropped count, backlog trigger) run on the loop.
+loop (which probes); the after-push callback (dropped count, backlog trigger) run on the loop. The
+same shards too (:mod:`._spread`, shared with the loop: two pushes racing for the next index may
+both take it, which only makes the spread a little less even): one shard per push, a retry on
+another node's shard, and with ``ANALYTICS_REPLICA_ACKS`` a WAIT before the caller returns. On a
+plain Redis the WAIT runs on the connection that pushed (it counts that connection's last write);
+with ``ANALYTICS_REDIS_CLUSTER`` the thread uses redis-py's sync cluster client (:mod:`._lane_cluster`),
+whose replies are bounded by its socket timeout (half the publish timeout), not by what is left of
+the deadline.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +44,11 @@ from . import _lua
 from ._breaker import Breaker, gave_up, retry_delay
 from ._exceptions import PublishError
 from ._keys import QueueKeys
+from ._lane_cluster import ClusterPusher
 from ._queue import PUSH_GUARD_TTL_MS, PushResult, new_token
+from ._redis import read_reply
 from ._settings import Settings
+from ._spread import NODE_DOWN, Shards, not_replicated
 
 __all__ = ["DirectLane"]
 
@@ -80,7 +91,7 @@ class DirectLane:
     def __init__(
         self,
         settings: Settings,
-        keys: QueueKeys,
+        shards: Shards,
         breaker: Breaker,
         busy: Callable[[], bool],
         on_loop: Callable[..., object],
@@ -90,7 +101,7 @@ class DirectLane:
         after_push: Callable[[PushResult], None],
     ) -> None:
         self._settings = settings
-        self._keys = keys
+        self._shards = shards
         self._breaker = breaker
         self._busy, self._on_loop, self._soon, self._later = busy, on_loop, soon, later
         self._trip, self._after_push = trip, after_push
@@ -99,6 +110,8 @@ class DirectLane:
         self._closed = False
         self._shared_until = 0.0  # time.monotonic() before which threads go to the loop
         self._connection: redis.connection.AbstractConnection | None = None  # only under the lock
+        # With ANALYTICS_REDIS_CLUSTER: the sync cluster client's pushes instead (only under the lock)
+        self._cluster = ClusterPusher(settings) if settings.analytics_redis_cluster else None
         # Results waiting for the loop's after-push callback. _after_pending True: the loop will look
         # at them without being woken (a wake-up is scheduled, or the loop looks again soon).
         self._results: collections.deque[PushResult] = collections.deque()
@@ -160,6 +173,8 @@ class DirectLane:
             if self._connection is not None:
                 self._connection.disconnect()  # type: ignore[no-untyped-call]
                 self._connection = None
+            if self._cluster is not None:
+                self._cluster.close()
         finally:
             self._release()
         with contextlib.suppress(RuntimeError):  # the loop has ended: nothing left to tell
@@ -183,18 +198,24 @@ class DirectLane:
         self._later(AFTER_PUSH_EVERY, self._run_after_push)
 
     def _push(self, payloads: list[bytes]) -> PushResult:
-        settings, keys = self._settings, self._keys
+        settings, shards = self._settings, self._shards
         deadline = time.monotonic() + settings.analytics_publish_timeout
         retries = settings.analytics_publish_retries
-        guard = keys.push_guard(new_token())  # one per push, kept across its retries
-        args = (3, keys.queue, keys.dropped, guard, settings.analytics_max_queue_size, PUSH_GUARD_TTL_MS)
+        token = new_token()  # one per push, kept across its retries (and shards: see _spread)
+        index = shards.take()
         for attempt in range(retries + 1):
+            keys = shards.keys[index]
+            guard = keys.push_guard(token)
+            args = (3, keys.queue, keys.dropped, guard, shards.cap, PUSH_GUARD_TTL_MS)
             try:
-                length, dropped, repeated = self._run(args, payloads, deadline)
-                return PushResult(int(length), int(dropped), bool(repeated))
+                if self._cluster is None:
+                    length, dropped, repeated = self._run(args, payloads, deadline)
+                else:
+                    length, dropped, repeated = self._cluster.push(args, payloads)
+                break
             except AuthenticationError as exc:  # a ConnectionError subclass, but retrying cannot help
                 raise PublishError(f"Redis refused the credentials: {exc}") from exc
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except NODE_DOWN as exc:
                 expired = time.monotonic() >= deadline
                 delay = retry_delay(attempt, retries, deadline, expired)
                 if delay is None:
@@ -204,13 +225,55 @@ class DirectLane:
                         self._on_loop(self._trip, exc)
                     limit = settings.analytics_publish_timeout
                     raise gave_up(exc, len(payloads), attempt + 1, expired, limit) from exc
+                index = shards.after_failure(None if self._cluster is None else self._cluster.client, index)
                 logger.warning(
-                    "push of %s event(s) failed (%s); retrying in %.2fs", len(payloads), exc, delay
+                    "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",
+                    len(payloads),
+                    Breaker.describe(exc),
+                    delay,
+                    shards.keys[index].prefix,
                 )
                 time.sleep(delay)
             except RedisError as exc:  # OOM, WRONGTYPE, ACL denial: retrying cannot help
                 raise PublishError(f"Redis refused {len(payloads)} event(s): {exc}") from exc
-        raise AssertionError("unreachable")
+        else:
+            raise AssertionError("unreachable")
+        if settings.analytics_replica_acks:
+            self._replica_acks(keys, len(payloads))
+        return PushResult(int(length), int(dropped), bool(repeated))
+
+    def _replica_acks(self, keys: QueueKeys, events: int) -> None:
+        """``ANALYTICS_REPLICA_ACKS``: return once that many replicas hold the push, else raise
+        :class:`PublishError` (the push is queued: never retried). On a plain Redis, WAIT on the
+        connection that pushed: it counts that connection's last write, the push."""
+        settings = self._settings
+        wanted, wait_for = settings.analytics_replica_acks, settings.analytics_replica_ack_timeout
+        if wanted <= 0:
+            return
+        try:
+            if self._cluster is not None:
+                acked = self._cluster.replicated(keys, wanted, wait_for)
+            else:
+                acked = self._wait(wanted, wait_for)
+        except (*NODE_DOWN, RedisError) as exc:  # type: ignore[misc]  # a tuple of exception classes
+            error = PublishError(
+                f"queued on the primary, not yet replicated: {events} event(s) on shard {keys.prefix!r}; "
+                f"could not ask how many replicas hold them: {Breaker.describe(exc)}"
+            )
+            raise error from exc
+        if acked < wanted:
+            raise not_replicated(keys, events, acked, wanted, wait_for)
+
+    def _wait(self, replicas: int, wait_for: float) -> int:
+        connection = self._connection
+        if connection is None:  # (cannot happen: the push that just succeeded made it)
+            raise RedisConnectionError("no connection to ask WAIT on")
+        try:
+            connection.send_command("WAIT", replicas, max(1, math.ceil(wait_for * 1000)))  # type: ignore[no-untyped-call]
+            return int(read_reply(connection, wait_for + self._settings.analytics_redis_timeout))
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may still come
+            raise
 
     def _run(self, args: tuple[Any, ...], payloads: list[bytes], deadline: float) -> Any:
         """One attempt: EVALSHA (EVAL on a server that does not know the script yet). Connecting and
@@ -228,7 +291,7 @@ class DirectLane:
                 connection.connect()  # type: ignore[no-untyped-call]  # a no-op once connected
                 connection.send_command(command, script, *args, *payloads)  # type: ignore[no-untyped-call]
                 try:
-                    return connection.read_response(timeout=bound)
+                    return read_reply(connection, bound)
                 except NoScriptError:
                     continue
             raise AssertionError("unreachable")

@@ -1,4 +1,7 @@
-"""Coalesced queue-length reads: one LLEN answers every ``get_queue_size()`` caller waiting for it.
+"""Coalesced queue-length reads: one read answers every ``get_queue_size()`` caller waiting for it.
+
+The read is the LLEN of every shard of this producer's K (:func:`._shards.queue_depths`: one round
+trip on a plain Redis, one per node on a cluster, sent concurrently), summed.
 
 Group commit does this for writes (:mod:`._batcher`); here it is for a health endpoint under load.
 Without it 300 concurrent callers took 300 connections, and redis-py 8 (a pool of 100 that raises
@@ -9,15 +12,18 @@ began, never by one already out, which could predate an event this caller just t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._breaker import Breaker
 from ._exceptions import PublishError
 from ._keys import QueueKeys
+from ._redis import AnyRedis
+from ._shards import queue_depths
 
 __all__ = ["SizeReader"]
 
@@ -29,16 +35,16 @@ def _chained(message: str, cause: BaseException) -> PublishError:
 
 
 class SizeReader:
-    """The queue-length reads of one client (one event loop): at most one LLEN out at a time."""
+    """The queue-length reads of one client (one event loop): at most one read out at a time."""
 
-    def __init__(self, keys: QueueKeys, breaker: Breaker, timeout: float) -> None:
-        self._keys = keys
+    def __init__(self, shards: Sequence[QueueKeys], breaker: Breaker, timeout: float) -> None:
+        self._shards = tuple(shards)
         self._breaker = breaker
         self._timeout = timeout  # ANALYTICS_PUBLISH_TIMEOUT bounds each LLEN, as it bounds a push
         self._next: asyncio.Future[int] | None = None  # answers the callers of the next LLEN
         self._reader: asyncio.Task[None] | None = None
 
-    async def read(self, client: aioredis.Redis) -> int:
+    async def read(self, client: AnyRedis) -> int:
         if self._breaker.is_open:
             raise self._breaker.error()
         future = self._next
@@ -52,17 +58,20 @@ class SizeReader:
         # shield: one caller giving up must not cancel the answer the others wait for.
         return await asyncio.shield(future)
 
-    async def _read_loop(self, client: aioredis.Redis) -> None:
+    async def _read_loop(self, client: AnyRedis) -> None:
         try:
             while (future := self._next) is not None:
                 self._next = None
                 try:
                     async with asyncio.timeout(self._timeout):
-                        future.set_result(int(await client.llen(self._keys.queue)))
+                        future.set_result(sum(await queue_depths(client, self._shards)))
                 except AuthenticationError as exc:  # an answer: Redis is up
                     future.set_exception(_chained(f"could not read the queue length: {exc}", exc))
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # OSError: the deadline
-                    self._breaker.trip(client, exc)
+                except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException) as exc:
+                    # OSError: the deadline. One node of a cluster down does not stop the pushes
+                    # (they go to other shards): only a plain Redis's failure opens the breaker.
+                    if not isinstance(client, RedisCluster):
+                        self._breaker.trip(client, exc)
                     future.set_exception(
                         _chained(f"could not read the queue length: {Breaker.describe(exc)}", exc)
                     )

@@ -138,7 +138,7 @@ class SyncAnalyticsClient:
                 batcher.attach(loop, client._get_redis)
                 direct = DirectLane(
                     self.settings,
-                    client.keys,
+                    client._shards,
                     client._breaker,
                     busy=batcher.busy,
                     on_loop=portal.call,

@@ -15,9 +15,16 @@ from typing import Any
 from ._keys import QueueKeys
 from ._redis import AnyRedis, cluster_client, redis_client
 from ._settings import Settings
-from ._shards import all_shard_keys, shard_keys
+from ._shards import all_shard_keys, has_hash_tag, shard_keys
 
-__all__ = ["base_keys", "known_shards", "producer_shards", "queue_client", "record_shard_count"]
+__all__ = [
+    "base_keys",
+    "known_shards",
+    "producer_shards",
+    "queue_client",
+    "record_shard_count",
+    "trigger_keys",
+]
 
 
 def queue_client(
@@ -36,6 +43,16 @@ def queue_client(
 def base_keys(settings: Settings) -> QueueKeys:
     """The keys that are not per shard (the shard-count set, the flush trigger's keys)."""
     return QueueKeys(settings.analytics_key_prefix)
+
+
+def trigger_keys(settings: Settings) -> QueueKeys:
+    """The keys of the flush trigger (:mod:`._debounce`: cooldown, delay, requests), not per shard.
+    The base prefix's; on a cluster with an untagged prefix, that prefix as a hash tag (``{analytics}``):
+    each of their scripts touches two of them, which must share a slot."""
+    prefix = settings.analytics_key_prefix
+    if settings.analytics_redis_cluster and not has_hash_tag(prefix):
+        return QueueKeys("{" + prefix.replace("{", "").replace("}", "") + "}")
+    return QueueKeys(prefix)
 
 
 def producer_shards(settings: Settings) -> tuple[QueueKeys, ...]:

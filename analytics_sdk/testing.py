@@ -43,7 +43,7 @@ from ._keys import QueueKeys
 from ._settings import Settings
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
+    from ._redis import AnyRedis
 
 __all__ = ["RecordingClient", "RecordingSyncClient"]
 
@@ -109,7 +109,7 @@ class RecordingClient(_Recorder):
     sake and never used.
     """
 
-    def __init__(self, settings: Settings | None = None, *, redis: aioredis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, redis: AnyRedis | None = None) -> None:
         super().__init__(settings)
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -156,10 +156,10 @@ async def drain(
     level = logging.INFO if summary.claimed or summary.reclaimed else logging.DEBUG
     logger.log(
         level,
-        "drained %s (%s shard(s)): claimed=%s inserted=%s duplicates=%s dead_lettered=%s reclaimed=%s "
-        "batches=%s backlog=%s in %.3fs",
+        # today's line, so log parsers keep working; the shard count at the end
+        "drained %s: claimed=%s inserted=%s duplicates=%s dead_lettered=%s reclaimed=%s "
+        "batches=%s backlog=%s in %.3fs shards=%s",
         base.queue,
-        len(shards),
         summary.claimed,
         summary.inserted,
         summary.duplicates,
@@ -168,5 +168,6 @@ async def drain(
         summary.batches,
         summary.backlog,
         summary.seconds,
+        len(shards),
     )
     return summary

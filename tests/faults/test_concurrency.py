@@ -77,8 +77,8 @@ def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fl
 
     # Keep feeding the queue while the two deliveries drain and after, so the beats' ticks find work:
     # every tick is one more drain racing the others. How long the deliveries take depends on the
-    # machine, so feed until the worker has logged both deliveries and at least two ticks with work
-    # (bounded), rather than for a fixed time.
+    # machine, so feed until the worker has logged both deliveries and at least two ticks with work,
+    # and both pool processes have claimed something (bounded), rather than for a fixed time.
     async def feed() -> None:
         deadline = time.monotonic() + 90
         async with AnalyticsClient(settings) as client:
@@ -86,8 +86,9 @@ def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fl
                 batch = [{"event_type": "fed", "event_metadata": {"r": round_, "k": k}} for k in range(100)]
                 ledger.accept(await client.track_many(batch))
                 await asyncio.sleep(0.02)
+                worked = [pool for pool, claimed in drains() if claimed > 0]
                 if round_ % 25 == 0 and (
-                    sum(1 for _, claimed in drains() if claimed > 0) >= 4 or time.monotonic() > deadline
+                    (len(worked) >= 4 and len(set(worked)) == 2) or time.monotonic() > deadline
                 ):
                     return
 
