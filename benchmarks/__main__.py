@@ -20,7 +20,7 @@ from pathlib import Path
 from ._common import MODES, Context, Section, delete_prefix
 from .report import machine, render, write_json
 
-SECTIONS = ("track", "threads", "drain", "partitions", "memory", "e2e")
+SECTIONS = ("track", "threads", "drain", "partitions", "memory", "e2e", "scale")
 logger = logging.getLogger("benchmarks")
 
 

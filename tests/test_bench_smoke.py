@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import PG_ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("track", "threads", "drain", "partitions", "memory", "e2e")
+SECTIONS = ("track", "threads", "drain", "partitions", "memory", "e2e", "scale")
 
 
 @pytest.mark.e2e
@@ -45,10 +45,13 @@ def test_bench_tiny_mode_runs_every_section(redis_available: str, database_url: 
     expected_names = (
         *("ceiling", "naive", "old design", "Segment", "PostHog", "round trip", "COPY", "JSON"),
         *("1,024 callers / 256 callers", "1 thread / raw sync pipeline"),
+        # the scale section: the tiny mode starts no cluster, so only its plain-Redis targets
+        *("K=1 plain Redis / track section", "drain processes / 1 over the same queue"),
     )
     for expected in expected_names:
         assert any(expected in name for name in names), (expected, names)
     assert any("end-to-end p99" in name for name in names)
+    assert "no throwaway Redis Cluster started" in proc.stdout  # the tiny mode says what it skipped
     for target in doc["targets"]:
         assert isinstance(target["passed"], bool)
         assert target["value"] == target["value"], target  # a number, not NaN

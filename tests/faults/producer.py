@@ -105,6 +105,8 @@ def _main(raw: str) -> None:
         analytics_max_queue_size=spec["cap"],
         analytics_backlog_trigger=False,
     )
+    if spec.get("from_env"):  # the cluster scenarios: every ANALYTICS_* variable, as a worker gets them
+        settings = Settings.from_env()
     # A common start time, so the processes really track at once (imports take uneven time).
     delay = spec["start_at"] - time.time()
     if 0 < delay < 30:
