@@ -179,7 +179,11 @@ async def push_with_retry(
         await asyncio.wait({recording}, timeout=max(0.0, deadline - time.monotonic()))
         recording.cancel()  # (a no-op once done; else recorded stays False: a later push asks again)
     if settings.analytics_replica_acks:  # (no coroutine per push without them)
-        await replica_acks(client, keys, len(batch), settings)
+        try:
+            await replica_acks(client, keys, len(batch), settings)
+        except PublishError:
+            shards.under_replicated(client, shards.keys.index(keys))  # the next pushes go elsewhere
+            raise
     return result, keys
 
 
@@ -194,7 +198,7 @@ async def _attempts(
     halves: bool,
 ) -> tuple[PushResult, QueueKeys]:
     retries = settings.analytics_publish_retries
-    index = shards.take()
+    index = shards.take(client)
     for attempt in range(retries + 1):
         keys = shards.keys[index]
         left = max(0.0, deadline - time.monotonic())

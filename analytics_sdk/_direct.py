@@ -7,17 +7,13 @@ on or pushed by the loop, nobody else pushing this way) pushes its own events wi
 redis-py connection and returns; threads that arrive meanwhile go to the loop's group commit and
 share its pushes as before, so many threads still share few pushes.
 
-The rules are the loop's: the same push script with one token per push, kept across its retries;
-the publish deadline from the hand-over, each attempt's reply awaited only for what is left of it;
-the same retry policy (:func:`._breaker.retry_delay`); the same breaker, read here and opened on the
-loop (which probes); the after-push callback (dropped count, backlog trigger) run on the loop. The
-same shards too (:mod:`._spread`, shared with the loop: two pushes racing for the next index may
-both take it, which only makes the spread a little less even): one shard per push, a retry on
-another node's shard, and with ``ANALYTICS_REPLICA_ACKS`` a WAIT before the caller returns. On a
-plain Redis the WAIT runs on the connection that pushed (it counts that connection's last write);
-with ``ANALYTICS_REDIS_CLUSTER`` the thread uses redis-py's sync cluster client (:mod:`._lane_cluster`),
-whose replies are bounded by its socket timeout (half the publish timeout), not by what is left of
-the deadline.
+The rules are the loop's: the push script, one token per push across its retries; the deadline
+from the hand-over; the retry policy (:func:`._breaker.retry_delay`); the breaker, read here and
+opened on the loop; the after-push callback run on the loop; the shards (:mod:`._spread`, shared
+with the loop: two pushes racing for an index may both take it), a retry on another node's shard,
+and with ``ANALYTICS_REPLICA_ACKS`` a WAIT on the connection that pushed (it counts that connection's
+last write). On a cluster the thread uses redis-py's sync cluster client (:mod:`._lane_cluster`),
+whose replies are bounded by its socket timeout (half the publish timeout), not by the deadline.
 """
 
 from __future__ import annotations
@@ -202,7 +198,8 @@ class DirectLane:
         deadline = time.monotonic() + settings.analytics_publish_timeout
         retries = settings.analytics_publish_retries
         token = new_token()  # one per push, kept across its retries (and shards: see _spread)
-        index = shards.take()
+        cluster = None if self._cluster is None else self._cluster.client
+        index = shards.take(cluster)
         for attempt in range(retries + 1):
             keys = shards.keys[index]
             guard = keys.push_guard(token)
@@ -225,7 +222,7 @@ class DirectLane:
                         self._on_loop(self._trip, exc)
                     limit = settings.analytics_publish_timeout
                     raise gave_up(exc, len(payloads), attempt + 1, expired, limit) from exc
-                index = shards.after_failure(None if self._cluster is None else self._cluster.client, index)
+                index = shards.after_failure(cluster, index)
                 logger.warning(
                     "push of %s event(s) failed (%s); retrying in %.2fs on shard %s",
                     len(payloads),
@@ -239,7 +236,11 @@ class DirectLane:
         else:
             raise AssertionError("unreachable")
         if settings.analytics_replica_acks:
-            self._replica_acks(keys, len(payloads))
+            try:
+                self._replica_acks(keys, len(payloads))
+            except PublishError:
+                shards.under_replicated(cluster, index)  # the next pushes go to another node
+                raise
         return PushResult(int(length), int(dropped), bool(repeated))
 
     def _replica_acks(self, keys: QueueKeys, events: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -65,23 +66,49 @@ NODE_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
+#: Seconds a node whose replicas did not acknowledge a push (ANALYTICS_REPLICA_ACKS) is passed over:
+#: a primary just promoted has no replica of its own until one is attached, and every push sent to it
+#: would wait the ack timeout and fail; its shards are skipped for this long, then tried again.
+UNDER_REPLICATED_PAUSE = 10.0
+
+
 class Shards:
-    """The shards of one producer, handed out round-robin from a random start; also remembers
-    whether this producer's K has been recorded for the drains (:func:`._topology.record_shard_count`)."""
+    """The shards of one producer, handed out round-robin from a random start, passing over a
+    cluster node that fell short of ``ANALYTICS_REPLICA_ACKS`` for a while; also remembers whether
+    this producer's K has been recorded for the drains (:func:`._topology.record_shard_count`)."""
 
     def __init__(self, shards: Sequence[QueueKeys], settings: Settings) -> None:
         self.keys = tuple(shards)
         self._settings = settings
         self._next = random.randrange(len(self.keys))
         self.recorded = False
+        self._passed_over: dict[str, float] = {}  # node name -> time.monotonic() it is tried again
         # ANALYTICS_MAX_QUEUE_SIZE bounds the whole queue: each shard trims at its share (K = 1: all)
         self.cap = -(-settings.analytics_max_queue_size // len(self.keys))
 
-    def take(self) -> int:
-        """The index of the shard for the next push."""
+    def take(self, client: object = None) -> int:
+        """The index of the shard for the next push (on a cluster, not on a node passed over while
+        another node's shard is there to take it)."""
         index = self._next
         self._next = (index + 1) % len(self.keys)
-        return index
+        if not self._passed_over or not isinstance(client, (AsyncRedisCluster, redis.cluster.RedisCluster)):
+            return index
+        now = time.monotonic()
+        self._passed_over = {name: until for name, until in self._passed_over.items() if until > now}
+        count = len(self.keys)
+        for step in range(count):
+            candidate = (index + step) % count
+            if _node_name(client, self.keys[candidate]) not in self._passed_over:
+                return candidate
+        return index  # every node fell short: this one, as any
+
+    def under_replicated(self, client: object, index: int) -> None:
+        """``index``'s node took a push but too few replicas acknowledged it: pass over that node's
+        shards for :data:`UNDER_REPLICATED_PAUSE` seconds (a plain Redis has one node: nothing to do)."""
+        if isinstance(client, (AsyncRedisCluster, redis.cluster.RedisCluster)):
+            name = _node_name(client, self.keys[index])
+            if name is not None:
+                self._passed_over[name] = time.monotonic() + UNDER_REPLICATED_PAUSE
 
     def after_failure(self, client: object, failed: int) -> int:
         """The shard to retry a push on after ``failed``'s node did not answer: the next one (in

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from analytics_sdk import AnalyticsClient, PublishError, Settings
+from analytics_sdk import AnalyticsClient, PublishError, Settings, SyncAnalyticsClient
 from analytics_sdk._shards import shard_keys
 from tests.cluster import ThrowawayCluster, fresh_cluster  # noqa: F401 - the fixture
 from tests.servers import RedisServer
@@ -145,15 +145,6 @@ def test_primary_killed_without_replica_acks_reports_the_loss(
     outcome.check(documented)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (producer side, left to its owner): with ANALYTICS_REPLICA_ACKS=1 the round-robin "
-    "keeps handing pushes to the shards of a primary that has no replica (the one promoted after a "
-    "failover); each waits ANALYTICS_REPLICA_ACK_TIMEOUT and raises PublishError, and meanwhile holds "
-    "the client's one push lane. Proposed fix: treat a replica-ack shortfall like a node failure for "
-    "shard choice (Shards.after_failure: skip that node's shards for a while) while still raising it "
-    "for the batch that fell short.",
-)
 @pytest.mark.timeout(120)
 def test_replica_acks_route_around_a_primary_without_a_replica(
     fresh_cluster: ThrowawayCluster,  # noqa: F811
@@ -181,5 +172,16 @@ def test_replica_acks_route_around_a_primary_without_a_replica(
     refused = asyncio.run(track_sequentially(60))
     print(f"{refused} of 60 track() calls refused with {orphan} (2 of 6 shards) without a replica")
     # two other primaries with a replica each can take every push: after the first shortfall on the
-    # orphan's node, a client should stop sending it pushes that cannot be acknowledged
+    # orphan's node, the client passes that node over (_spread.UNDER_REPLICATED_PAUSE, 10 s: longer
+    # than these 60 calls) instead of sending it pushes that cannot be acknowledged
     assert refused <= 6, refused
+
+    # the sync client's own lane (one thread alone pushes from its thread) passes the node over too
+    sync_refused = 0
+    with SyncAnalyticsClient(settings) as sync_client:
+        for _ in range(60):
+            try:
+                sync_client.track("after_failover_sync")
+            except PublishError:
+                sync_refused += 1
+    assert sync_refused <= 6, sync_refused
