@@ -4,8 +4,7 @@ Handing an event to the loop thread costs two thread wake-ups and redis.asyncio'
 one thread calling ``track()`` did 2.5 k events/s that way, fewer than a plain redis-py pipeline per
 event from the same thread. So a thread that finds the client idle (no other thread's events waiting
 on or pushed by the loop, nobody else pushing this way) pushes its own events with a blocking
-redis-py connection and returns; threads that arrive meanwhile go to the loop's group commit and
-share its pushes as before, so many threads still share few pushes.
+redis-py connection and returns; threads that arrive meanwhile share the loop's group commit.
 
 The rules are the loop's: the push script, one token per push across its retries; the deadline
 from the hand-over; the retry policy (:func:`._breaker.retry_delay`); the breaker, read here and
