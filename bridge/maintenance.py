@@ -122,6 +122,8 @@ async def list_partitions(conn: asyncpg.Connection[Any], table: str = PARENT_TAB
         )
     found = []
     for row in rows:
+        if row["bound"] is None:  # dropped since this statement's snapshot (a concurrent maintenance)
+            continue
         lower, upper = parse_bound(row["bound"])
         rows_estimate = int(row["reltuples"]) if row["reltuples"] >= 0 else None
         found.append(

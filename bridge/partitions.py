@@ -80,7 +80,9 @@ async def _existing(
         """,
         table,
     )
-    return [_parse_bound(row["bound"]) for row in rows]
+    # pg_get_expr answers NULL for a partition dropped since this statement's snapshot (the retention
+    # dropping it right now): it no longer takes rows, so it is no range of ours
+    return [_parse_bound(row["bound"]) for row in rows if row["bound"] is not None]
 
 
 def _free_range(

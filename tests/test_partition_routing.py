@@ -210,3 +210,31 @@ async def test_making_a_partition_waits_for_no_running_report_query(settings: Se
             await close(conn)
             await reader.close()
         assert (await _where(url))[backfill.event_id].startswith("analytics_events_p")
+
+
+async def test_a_partition_dropped_after_the_snapshot_is_no_range_of_ours() -> None:
+    """The retention drops a partition while a drain reads the partitions: PostgreSQL's pg_get_expr
+    answers NULL for a relation dropped after the reader's snapshot. That partition takes no rows any
+    more; the drain must go on (it once failed with AttributeError on the NULL bound)."""
+    from bridge.partitions import ensure_partitions
+    from tests.partitioned import partitioned_database
+
+    old, current = datetime(2024, 3, 10, tzinfo=UTC), datetime.now(UTC)
+    with partitioned_database() as url:
+        reader, dropper = await asyncpg.connect(url), await asyncpg.connect(url)
+        try:
+            await ensure_partitions(reader, "month", [old, current])
+            snapshot = reader.transaction(isolation="repeatable_read")
+            await snapshot.start()
+            try:
+                await reader.fetchval("SELECT 1")  # the snapshot is taken here
+                doomed = partition_name(bounds(old, "month")[0])
+                await dropper.execute(f'ALTER TABLE analytics_events DETACH PARTITION "{doomed}"')
+                await dropper.execute(f'DROP TABLE "{doomed}"')
+                # the current month is covered: nothing to make, and no error on the dropped one
+                assert await ensure_partitions(reader, "month", [current]) == []
+            finally:
+                await snapshot.rollback()
+        finally:
+            await reader.close()
+            await dropper.close()
