@@ -45,12 +45,14 @@ def _assert_disjoint(final_stats: dict[str, str], ledger: Ledger) -> None:
 
 @pytest.mark.timeout(180)
 def test_09_same_task_delivered_twice_and_two_beats(fault_settings: Settings, fleet: Fleet) -> None:
-    # 100 rows per transaction: the drain takes a few seconds, long enough for everyone to overlap.
+    # 100 rows per transaction, each held 20 ms before its commit: 30,000 seeded events keep a drain
+    # busy for seconds, long enough for both deliveries and the beats' ticks to overlap (a drain with
+    # nothing slowing it empties the queue in well under a second, before the second delivery runs).
     settings = fault_settings.replace(
         analytics_flush_interval=1.0, analytics_batch_size=100, analytics_insert_batch_size=100
     )
     ledger = seed(settings, 30_000)
-    worker = fleet.worker(settings, concurrency=2)
+    worker = fleet.worker(settings, concurrency=2, failpoints="before_commit=sleep:0.02")
     # Two beats: the schedule doubled, as the design warns against. Both must be ticking before the
     # duplicated task goes out, so beat ticks and both deliveries race over the same queue.
     beats = [fleet.beat(settings, name="beat-a"), fleet.beat(settings, name="beat-b")]
