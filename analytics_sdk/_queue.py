@@ -1,9 +1,7 @@
 """The Redis protocol shared by the SDK (push) and the bridge (claim, ack, renew, release, reclaim).
 
-Key names are built in :mod:`._keys` (re-exported here as :class:`QueueKeys`) and nowhere else; the
-Lua scripts, and the rules they keep (fenced by owner token, idempotent, Redis's clock, allow-oom),
-live in :mod:`._lua`.
-"""
+Key names are built in :mod:`._keys` (re-exported here) and nowhere else; the Lua scripts and their
+rules (fenced by owner token, idempotent, Redis's clock, allow-oom) live in :mod:`._lua`."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from typing import Any, NamedTuple, cast
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from . import _lua
 from ._keys import QueueKeys
@@ -88,10 +86,16 @@ async def push(
         # (1,000 events: ~0.9 ms against ~0.2 ms for this MULTI). EVAL, not EVALSHA: a NOSCRIPT would
         # come after the RPUSH had run. Refused whole under OOM, as the script is: nothing queued runs.
         after = _lua.PUSH_AFTER_RPUSH.source
-        async with client.pipeline(transaction=True) as multi:
-            multi.rpush(keys.queue, *payloads)
-            multi.eval(after, 3, *script_keys, cap, PUSH_GUARD_TTL_MS, len(payloads))
-            reply = (await multi.execute())[1]
+        try:
+            async with client.pipeline(transaction=True) as multi:
+                multi.rpush(keys.queue, *payloads)
+                multi.eval(after, 3, *script_keys, cap, PUSH_GUARD_TTL_MS, len(payloads))
+                reply = (await multi.execute())[1]
+        except ResponseError:
+            # Refused (OOM at queue time: nothing of it ran), and redis-py 6.1, our floor, reports it
+            # garbled. The one script, same token, says why in every version; had this MULTI run, its
+            # guard makes the script return the first result instead of queueing twice.
+            reply = await _lua.PUSH(client, script_keys, [cap, PUSH_GUARD_TTL_MS, *payloads])
     length, dropped, repeated = reply
     return PushResult(int(length), int(dropped), bool(repeated))
 
