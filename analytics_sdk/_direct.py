@@ -41,7 +41,6 @@ from ._exceptions import PublishError
 from ._keys import QueueKeys
 from ._lane_cluster import ClusterPusher
 from ._queue import PUSH_GUARD_TTL_MS, PushResult, new_token
-from ._redis import read_reply
 from ._settings import Settings
 from ._spread import NODE_DOWN, Shards, not_replicated
 
@@ -270,7 +269,7 @@ class DirectLane:
             raise RedisConnectionError("no connection to ask WAIT on")
         try:
             connection.send_command("WAIT", replicas, max(1, math.ceil(wait_for * 1000)))  # type: ignore[no-untyped-call]
-            return int(read_reply(connection, wait_for + self._settings.analytics_redis_timeout))
+            return int(connection.read_response(timeout=wait_for + self._settings.analytics_redis_timeout))
         except BaseException:
             connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may still come
             raise
@@ -291,7 +290,7 @@ class DirectLane:
                 connection.connect()  # type: ignore[no-untyped-call]  # a no-op once connected
                 connection.send_command(command, script, *args, *payloads)  # type: ignore[no-untyped-call]
                 try:
-                    return read_reply(connection, bound)
+                    return connection.read_response(timeout=bound)
                 except NoScriptError:
                     continue
             raise AssertionError("unreachable")

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, cast
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from . import _lua
 from ._keys import QueueKeys
@@ -86,16 +86,10 @@ async def push(
         # (1,000 events: ~0.9 ms against ~0.2 ms for this MULTI). EVAL, not EVALSHA: a NOSCRIPT would
         # come after the RPUSH had run. Refused whole under OOM, as the script is: nothing queued runs.
         after = _lua.PUSH_AFTER_RPUSH.source
-        try:
-            async with client.pipeline(transaction=True) as multi:
-                multi.rpush(keys.queue, *payloads)
-                multi.eval(after, 3, *script_keys, cap, PUSH_GUARD_TTL_MS, len(payloads))
-                reply = (await multi.execute())[1]
-        except ResponseError:
-            # Refused (OOM at queue time: nothing of it ran), and redis-py 6.1, our floor, reports it
-            # garbled. The one script, same token, says why in every version; had this MULTI run, its
-            # guard makes the script return the first result instead of queueing twice.
-            reply = await _lua.PUSH(client, script_keys, [cap, PUSH_GUARD_TTL_MS, *payloads])
+        async with client.pipeline(transaction=True) as multi:
+            multi.rpush(keys.queue, *payloads)
+            multi.eval(after, 3, *script_keys, cap, PUSH_GUARD_TTL_MS, len(payloads))
+            reply = (await multi.execute())[1]
     length, dropped, repeated = reply
     return PushResult(int(length), int(dropped), bool(repeated))
 

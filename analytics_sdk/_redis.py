@@ -45,7 +45,6 @@ __all__ = [
     "AnyRedis",
     "cluster_client",
     "load_scripts",
-    "read_reply",
     "redis_client",
     "replicated",
     "sync_cluster_client",
@@ -233,14 +232,3 @@ async def replicated(client: AnyRedis, keys: QueueKeys, replicas: int, wait_for:
             pipe.wait(replicas, wait_ms)
             replies = await pipe.execute()
     return int(replies[1])
-
-
-def read_reply(connection: Any, bound: float) -> Any:
-    """The next reply on a blocking redis-py ``connection``, within ``bound`` seconds, on every
-    redis-py we support: 6.1 has no ``read_response(timeout=)`` and reads with the socket's own
-    timeout, so that is what is set."""
-    connection.socket_timeout = bound
-    sock = getattr(connection, "_sock", None)
-    if sock is not None:
-        sock.settimeout(bound)
-    return connection.read_response()

@@ -118,13 +118,8 @@ async def test_a_stale_client_follows_moved_but_a_multi_fails_once(
         await empty_the_slot()
 
         redis_cluster.move_empty_slot(slot, home)
-        # a MULTI: why the queue never sends one on a cluster. redis-py before 6.2 refuses cluster
-        # transactions outright; newer ones send it, every queued command gets MOVED, EXEC aborts
-        # (nothing ran) and, with no retry, the MovedError reaches the caller once
-        if not _cluster_multi_supported():
-            with pytest.raises(RedisClusterException, match="transaction"):
-                cluster_redis.pipeline(transaction=True)
-            return
+        # a MULTI: every queued command gets MOVED, EXEC aborts (nothing ran), and with no retry
+        # the MovedError reaches the caller once; the caller's next attempt goes to the new owner
         with pytest.raises(MovedError):
             async with cluster_redis.pipeline(transaction=True) as multi:
                 await multi.rpush(keys.queue, b"x").llen(keys.queue).execute()
@@ -135,10 +130,6 @@ async def test_a_stale_client_follows_moved_but_a_multi_fails_once(
     finally:
         await empty_the_slot()
         redis_cluster.move_empty_slot(slot, home)
-
-
-def _cluster_multi_supported() -> bool:
-    return tuple(int(part) for part in redis.__version__.split(".")[:2]) >= (6, 2)
 
 
 def test_the_sync_cluster_client_reaches_every_shard(redis_cluster: ThrowawayCluster) -> None:  # noqa: F811
