@@ -15,17 +15,19 @@ or ``with start_redis(tmp_path) as server: ...``. The server runs in the foregro
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import redis
 
-__all__ = ["RedisServer", "free_port", "start_redis"]
+__all__ = ["RedisServer", "free_port", "primary_with_replica", "start_redis"]
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -153,3 +155,24 @@ def start_redis(tmp_path: Path, *extra_args: str) -> RedisServer:
             continue
         return server
     raise RuntimeError(f"could not start a throwaway redis-server: {last_error}")
+
+
+@contextlib.contextmanager
+def primary_with_replica(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A throwaway primary and its replica, the replication link up; a replica a test froze
+    (SIGSTOP) is let go before both stop."""
+    primary = start_redis(tmp_path / "primary")
+    replica = start_redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+    try:
+        deadline = time.monotonic() + 30.0
+        with replica.client() as direct:
+            while direct.info("replication")["master_link_status"] != "up":
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the replica on {replica.port} never linked to {primary.port}")
+                time.sleep(0.05)
+        yield primary, replica
+    finally:
+        if replica.process is not None:
+            os.kill(replica.process.pid, signal.SIGCONT)
+        replica.stop()
+        primary.stop()

@@ -24,7 +24,7 @@ from analytics_sdk._exceptions import ConfigurationError
 from analytics_sdk._redis import cluster_client, load_scripts, replicated, sync_cluster_client
 from analytics_sdk._shards import shard_keys
 from tests.cluster import ThrowawayCluster, fresh_cluster, poll, redis_cluster  # noqa: F401 - fixtures
-from tests.servers import RedisServer, start_redis
+from tests.servers import RedisServer, primary_with_replica
 
 SCRIPTS = [value for value in vars(_lua).values() if isinstance(value, _lua.Script)]
 
@@ -216,20 +216,8 @@ async def test_a_timed_out_command_is_not_sent_again(fresh_cluster: ThrowawayClu
 
 @pytest.fixture
 def primary_and_replica(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    primary = start_redis(tmp_path / "primary")
-    replica = start_redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
-    try:
-        with replica.client() as direct:
-            poll(
-                "the replica's link to be up",
-                lambda: direct.info("replication")["master_link_status"] == "up" or None,
-                30.0,
-            )
-        yield primary, replica
-    finally:
-        replica.process and os.kill(replica.process.pid, signal.SIGCONT)
-        replica.stop()
-        primary.stop()
+    with primary_with_replica(tmp_path) as servers:
+        yield servers
 
 
 async def test_replicated_on_a_plain_primary_counts_only_replicas_holding_the_writes(

@@ -18,9 +18,8 @@ import redis
 from analytics_sdk import AnalyticsClient, PublishError, Settings, SyncAnalyticsClient
 from analytics_sdk._keys import QueueKeys
 from analytics_sdk._topology import producer_shards
-from tests.cluster import poll
 from tests.helpers import wait_for
-from tests.servers import RedisServer, start_redis
+from tests.servers import RedisServer, primary_with_replica, start_redis
 
 
 @pytest.fixture
@@ -112,21 +111,8 @@ async def test_the_backlog_trigger_estimates_the_whole_queue_from_one_shard(
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    primary = start_redis(tmp_path / "primary")
-    replica = start_redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
-    try:
-        with replica.client() as direct:
-            poll(
-                "the replica's link to be up",
-                lambda: direct.info("replication")["master_link_status"] == "up" or None,
-                30.0,
-            )
-        yield primary, replica
-    finally:
-        if replica.process is not None:
-            os.kill(replica.process.pid, signal.SIGCONT)
-        replica.stop()
-        primary.stop()
+    with primary_with_replica(tmp_path) as servers:
+        yield servers
 
 
 def acked(server: RedisServer, shards: int = 1) -> Settings:
