@@ -29,7 +29,7 @@ from analytics_sdk._event import Event, decode_many, validate
 from analytics_sdk._queue import QueueKeys, push
 
 from ._common import EVENT_TYPE, FIELDS, Check, Context, Run, Section, Summary, fmt_rate, fmt_ratio
-from .database import COLUMNS, bench_database, record, row_count
+from .database import COLUMNS, bench_database, copy_in_batches, record, row_count
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,7 @@ async def _measure(ctx: Context, url: str) -> dict[str, Summary]:
 
     def copier(batch: int, rows: int) -> Callable[[], Awaitable[int]]:
         async def work() -> int:
-            for start in range(0, rows, batch):
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        "analytics_events", records=records[start : start + batch], columns=COLUMNS
-                    )
-            return rows
+            return await copy_in_batches(conn, records, rows, batch)
 
         return work
 

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from analytics_sdk._queue import QueueKeys
 
 from ._common import Check, Context, Run, Section, Summary, fmt_rate, fmt_ratio
-from .database import COLUMNS, bench_database, record, row_count
+from .database import bench_database, copy_in_batches, record, row_count
 from .drain import _events, _fill
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,7 @@ async def _measure(ctx: Context, urls: dict[str, str]) -> dict[str, Summary]:
 
     def copier(name: str, rows: int) -> Callable[[], Awaitable[int]]:
         async def work() -> int:
-            conn = conns[name]
-            for start in range(0, rows, COPY_BATCH):
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        "analytics_events", records=records[start : start + COPY_BATCH], columns=COLUMNS
-                    )
-            return rows
+            return await copy_in_batches(conns[name], records, rows, COPY_BATCH)
 
         return work
 
